@@ -1,0 +1,3 @@
+from gguf_moe.cli import main
+
+main()
