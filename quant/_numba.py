@@ -1,0 +1,1036 @@
+"""numba backend: compiled CPU kernels, byte-identical to ggml's quantizers.
+
+Same contract as ``quant._numpy.quantize_rows`` (the readable reference), built for speed:
+
+* **Lanes.**  Blocks are independent, so a tile of ``LANES`` (sub-)blocks is transposed to
+  ``(in-block index, lane)`` and every step of the C algorithm runs as a loop over the
+  lanes.  LLVM turns those loops into SIMD code (8 or 16 sub-blocks per instruction); the
+  branches of the C code become per-lane selects.  Each lane still does exactly the float32
+  operations of its C block, in the same order (sequential sums over the in-block index).
+* **No FMA, no fast-math.**  Kernels are compiled with ``fastmath=False``; LLVM then never
+  contracts ``a*b + c`` (the x86-64 ``ggml-base`` build does not either).  Checked by the
+  byte comparisons against ggml in the tests.
+* **Rounding.**  ``nearest_int`` is ggml's bit trick (``_nint``, via a float->int bitcast).
+  Inside the scale searches the lanes use the equivalent float form
+  ``(v + 1.5*2**23) - 1.5*2**23``, which equals the bit trick for |v| <= 4194303; a per-lane
+  bound on |v| is checked each step and a lane that could leave that range is redone by an
+  exact scalar port (``_qkx_one``).  ``roundf`` (Q8_0) rounds half away from zero; C
+  float->int8 casts are done as x86-64 executes them (truncate to int32, NaN/out of range
+  -> INT_MIN, keep the low byte), like the numpy reference.
+* **Threads.**  Kernels release the GIL (``nogil``); ``quantize_rows`` splits the rows (or,
+  without an imatrix, the blocks) into chunks run by a thread pool.  Chunking never
+  changes bytes: blocks are independent and the per-row statistics of the ``_impl`` paths
+  are computed over whole rows.
+
+Compiled code is cached on disk (``cache=True``), so the JIT cost is paid once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+except ImportError as e:  # pragma: no cover - exercised only without numba
+    raise ImportError(f"the numba quantization backend needs numba: {e}") from e
+
+__all__ = ["quantize_rows", "NAMES", "LANES"]
+
+F32 = np.float32
+_JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
+
+#: Sub-blocks processed together (SIMD lanes of the inner loops).
+LANES = 64
+QK_K = 256
+
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23, ggml nearest_int
+_LIM = F32(4194303.0)  # float rounding == bit trick for |v| <= this
+_EPS = F32(1e-15)  # GROUP_MAX_EPS
+_Z = F32(0.0)
+_ONE = F32(1.0)
+_HALF = F32(0.5)
+_TWO31 = F32(2147483648.0)
+_FLT_MAX = F32(3.4028234663852886e38)
+_I32_MIN = -2147483648
+
+
+# --------------------------------------------------------------------------- scalar helpers
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """Reinterpret a float32 as int32 (C ``memcpy``)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, x):
+    """Reinterpret an int32 as float32."""
+    if x != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", **_JIT)
+def _nint(v):
+    """ggml ``nearest_int``, bit-exact for every float32 (inf and NaN included)."""
+    return (np.int64(_f32_bits(v + _MAGIC)) & 0x7FFFFF) - 0x400000
+
+
+@njit(inline="always", **_JIT)
+def _rnd(v):
+    """``nearest_int`` as a float; exact for |v| <= 4194303 (callers guarantee it)."""
+    return (v + _MAGIC) - _MAGIC
+
+
+@njit(inline="always", **_JIT)
+def _s8(c):
+    """Low byte of an int, as a signed int8 value."""
+    return ((c & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(inline="always", **_JIT)
+def _f16(f):
+    """``GGML_FP32_TO_FP16``: float32 -> binary16 bits, round to nearest even."""
+    u = np.int64(_f32_bits(f)) & 0xFFFFFFFF
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return sign | 0x7E00
+    if a >= 0x47800000:
+        return sign | 0x7C00
+    if a < 0x38800000:  # fp16 subnormal (or zero): units of 2**-24, exact scaling
+        return sign | _nint(_bits_f32(np.int32(a)) * F32(16777216.0))
+    return sign | ((a + 0xFFF + ((a >> 13) & 1) - 0x38000000) >> 13)
+
+
+@njit(inline="always", **_JIT)
+def _f16v(h):
+    """binary16 bits -> float32 value (exact)."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = F32(m) * F32(5.9604644775390625e-08)
+    elif e == 31:
+        v = _bits_f32(np.int32(0x7F800000 | (m << 13)))
+    else:
+        v = _bits_f32(np.int32(((e + 112) << 23) | (m << 13)))
+    return -v if h & 0x8000 else v
+
+
+@njit(inline="always", **_JIT)
+def _put16(out, o, h):
+    out[o] = h & 0xFF
+    out[o + 1] = (h >> 8) & 0xFF
+
+
+@njit(**_JIT)
+def _load(x, base, nvalid, bs, xt):
+    """xt[i, s] = x[base + s*bs + i] for lanes s < nvalid; zeros in the other lanes."""
+    nl = xt.shape[1]
+    for s in range(nl):
+        if s < nvalid:
+            o = base + s * bs
+            for i in range(bs):
+                xt[i, s] = x[o + i]
+        else:
+            for i in range(bs):
+                xt[i, s] = _Z
+
+
+# --------------------------------------------------------------------------- make_qx_quants (rmse_type 1)
+
+
+@njit(**_JIT)
+def _qx_lanes(xt, wt, n, nmax, scales, Lq, st):
+    """``make_qx_quants(n, nmax, x, L, 1, w)`` for every lane.
+
+    xt, wt: [n, LANES]; out: scales[LANES], Lq[n, LANES] (L in 0 .. 2*nmax-1, 0 for
+    all-zero lanes).  st: float32 work array [>= 8, LANES].
+    """
+    nl = xt.shape[1]
+    amax = st[0]
+    mx = st[1]
+    slx = st[2]
+    sl2 = st[3]
+    best = st[4]
+    bisc = st[5]
+    isc = st[6]
+    nm = F32(nmax)
+    lo = F32(-nmax)
+    hi = F32(nmax - 1)
+    for s in range(nl):
+        amax[s] = _Z
+        mx[s] = _Z
+    for i in range(n):
+        for s in range(nl):
+            v = xt[i, s]
+            a = abs(v)
+            c = a > amax[s]
+            amax[s] = a if c else amax[s]
+            mx[s] = v if c else mx[s]
+    for s in range(nl):
+        isc[s] = -nm / mx[s]
+        slx[s] = _Z
+        sl2[s] = _Z
+    for i in range(n):
+        for s in range(nl):
+            v = xt[i, s]
+            w = wt[i, s]
+            q = _rnd(isc[s] * v)
+            q = q if q > lo else lo
+            q = q if q < hi else hi
+            slx[s] += (w * v) * q
+            sl2[s] += (w * q) * q
+    for s in range(nl):
+        sc = slx[s] / sl2[s] if sl2[s] != _Z else _Z
+        scales[s] = sc
+        best[s] = sc * slx[s]
+        bisc[s] = isc[s]
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        c = -(nm + F32(0.1) * F32(k))
+        for s in range(nl):
+            isc[s] = c / mx[s]
+            slx[s] = _Z
+            sl2[s] = _Z
+        for i in range(n):
+            for s in range(nl):
+                v = xt[i, s]
+                w = wt[i, s]
+                q = _rnd(isc[s] * v)
+                q = q if q > lo else lo
+                q = q if q < hi else hi
+                slx[s] += (w * v) * q
+                sl2[s] += (w * q) * q
+        for s in range(nl):
+            ok = sl2[s] > _Z and slx[s] * slx[s] > best[s] * sl2[s]
+            sc = slx[s] / sl2[s]
+            bisc[s] = isc[s] if ok else bisc[s]
+            scales[s] = sc if ok else scales[s]
+            best[s] = sc * slx[s] if ok else best[s]
+    for i in range(n):
+        for s in range(nl):
+            q = _rnd(bisc[s] * xt[i, s])
+            q = q if q > lo else lo
+            q = q if q < hi else hi
+            Lq[i, s] = np.int32(q) + nmax if amax[s] >= _EPS else 0
+    for s in range(nl):
+        if not amax[s] >= _EPS:
+            scales[s] = _Z
+
+
+# --------------------------------------------------------------------------- make_qkx2/3_quants
+
+
+@njit(**_JIT)
+def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, L, Laux):
+    """Scalar ``make_qkx2_quants`` / ``make_qkx3_quants`` (weights given, use_mad false).
+
+    Exact port with ggml's bit-trick ``nearest_int``; used for lanes whose values could
+    leave the range where the vectorized float rounding is exact.  Returns (scale, the_min).
+    """
+    mn = x[0]
+    mx = x[0]
+    sum_w = w[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        sum_w += w[i]
+        sum_x += w[i] * x[i]
+    if mn > _Z:
+        mn = _Z
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return _Z, -mn
+    iscale = F32(nmax) / (mx - mn)
+    scale = _ONE / iscale
+    best = _Z
+    for i in range(n):
+        li = _nint(iscale * (x[i] - mn))
+        li = max(0, min(nmax, li))
+        L[i] = li
+        diff = scale * F32(li) + mn - x[i]
+        best += w[i] * (diff * diff)
+    for k in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(k) + F32(nmax)) / (mx - mn)
+        sl = _Z
+        sl2 = _Z
+        sxl = _Z
+        for i in range(n):
+            li = _nint(iscale * (x[i] - mn))
+            li = max(0, min(nmax, li))
+            Laux[i] = li
+            fl = F32(li)
+            sl += w[i] * fl
+            sl2 += (w[i] * fl) * fl
+            sxl += (w[i] * fl) * x[i]
+        D = sum_w * sl2 - sl * sl
+        if D > _Z:
+            ts = (sum_w * sxl - sum_x * sl) / D
+            tm = (sl2 * sum_x - sl * sxl) / D
+            if tm > _Z:
+                tm = _Z
+                ts = sxl / sl2
+            cur = _Z
+            for i in range(n):
+                diff = ts * F32(Laux[i]) + tm - x[i]
+                cur += w[i] * (diff * diff)
+            if cur < best:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best = cur
+                scale = ts
+                mn = tm
+    return scale, -mn
+
+
+@njit(**_JIT)
+def _qkx_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, the_min, Lq, lt, st, tmp):
+    """``make_qkx2_quants``/``make_qkx3_quants`` (n=32, weights, no mad) for every lane.
+
+    xt, wt: [32, LANES]; out: scales, the_min [LANES], Lq [32, LANES] int32.
+    lt: float32 [32, LANES] scratch; st: float32 [>= 20, LANES]; tmp: float32 [4, 32].
+    """
+    nl = xt.shape[1]
+    n = xt.shape[0]
+    mn = st[0]
+    mx = st[1]
+    sumw = st[2]
+    sumx = st[3]
+    xlo = st[4]
+    best = st[5]
+    accI = st[6]
+    accM = st[7]
+    scl = st[8]
+    isc = st[9]
+    sl = st[10]
+    sl2 = st[11]
+    sxl = st[12]
+    tsc = st[13]
+    tmn = st[14]
+    cur = st[15]
+    dok = st[16]
+    bad = st[17]
+    nm = F32(nmax)
+    for s in range(nl):
+        v = xt[0, s]
+        mn[s] = v
+        mx[s] = v
+        w = wt[0, s]
+        sumw[s] = w
+        sumx[s] = w * v
+    for i in range(1, n):
+        for s in range(nl):
+            v = xt[i, s]
+            w = wt[i, s]
+            mn[s] = v if v < mn[s] else mn[s]
+            mx[s] = v if v > mx[s] else mx[s]
+            sumw[s] += w
+            sumx[s] += w * v
+    for s in range(nl):
+        xlo[s] = mn[s]
+        m = mn[s] if not mn[s] > _Z else _Z
+        mn[s] = m
+        ic = nm / (mx[s] - m)
+        isc[s] = ic
+        scl[s] = _ONE / ic
+        accI[s] = ic
+        accM[s] = m
+        best[s] = _Z
+        b = ic * (mx[s] - m)
+        bad[s] = _Z if b <= _LIM else _ONE
+    for i in range(n):
+        for s in range(nl):
+            v = xt[i, s]
+            q = _rnd(isc[s] * (v - mn[s]))
+            q = q if q > _Z else _Z
+            q = q if q < nm else nm
+            diff = scl[s] * q + mn[s] - v
+            best[s] += wt[i, s] * (diff * diff)
+    for k in range(nstep + 1):
+        c = rmin + rdelta * F32(k) + nm
+        for s in range(nl):
+            ic = c / (mx[s] - mn[s])
+            isc[s] = ic
+            b1 = ic * (mx[s] - mn[s])
+            b2 = ic * (mn[s] - xlo[s])
+            bad[s] = bad[s] if (abs(b1) <= _LIM and abs(b2) <= _LIM) else _ONE
+            sl[s] = _Z
+            sl2[s] = _Z
+            sxl[s] = _Z
+        for i in range(n):
+            for s in range(nl):
+                v = xt[i, s]
+                q = _rnd(isc[s] * (v - mn[s]))
+                q = q if q > _Z else _Z
+                q = q if q < nm else nm
+                lt[i, s] = q
+                wl = wt[i, s] * q
+                sl[s] += wl
+                sl2[s] += wl * q
+                sxl[s] += wl * v
+        for s in range(nl):
+            D = sumw[s] * sl2[s] - sl[s] * sl[s]
+            ts = (sumw[s] * sxl[s] - sumx[s] * sl[s]) / D
+            tm = (sl2[s] * sumx[s] - sl[s] * sxl[s]) / D
+            pos = tm > _Z
+            tsc[s] = sxl[s] / sl2[s] if pos else ts
+            tmn[s] = _Z if pos else tm
+            dok[s] = _ONE if D > _Z else _Z
+            cur[s] = _Z
+        for i in range(n):
+            for s in range(nl):
+                diff = tsc[s] * lt[i, s] + tmn[s] - xt[i, s]
+                cur[s] += wt[i, s] * (diff * diff)
+        for s in range(nl):
+            ok = dok[s] != _Z and cur[s] < best[s]
+            best[s] = cur[s] if ok else best[s]
+            scl[s] = tsc[s] if ok else scl[s]
+            accI[s] = isc[s] if ok else accI[s]
+            accM[s] = mn[s] if ok else accM[s]
+            mn[s] = tmn[s] if ok else mn[s]
+    for i in range(n):
+        for s in range(nl):
+            q = _rnd(accI[s] * (xt[i, s] - accM[s]))
+            q = q if q > _Z else _Z
+            q = q if q < nm else nm
+            Lq[i, s] = np.int32(q)
+    for s in range(nl):
+        m0 = xlo[s] if not xlo[s] > _Z else _Z
+        if mx[s] == m0:  # degenerate: all L = 0
+            scales[s] = _Z
+            the_min[s] = -m0
+            for i in range(n):
+                Lq[i, s] = 0
+        elif bad[s] != _Z:  # values may leave the exact range: scalar exact port
+            xv = tmp[0]
+            wv = tmp[1]
+            for i in range(n):
+                xv[i] = xt[i, s]
+                wv[i] = wt[i, s]
+            Li = np.empty(n, np.int64)
+            La = np.empty(n, np.int64)
+            sc, tm = _qkx_one(xv, wv, n, nmax, rmin, rdelta, nstep, Li, La)
+            scales[s] = sc
+            the_min[s] = tm
+            for i in range(n):
+                Lq[i, s] = Li[i]
+        else:
+            scales[s] = scl[s]
+            the_min[s] = -mn[s]
+
+
+# --------------------------------------------------------------------------- make_qp_quants
+
+
+@njit(**_JIT)
+def _qp(n, nmax, x, w, L):
+    """``make_qp_quants(n, nmax, x, L, w)``; L is int64 holding the uint8 values."""
+    mx = _Z
+    for i in range(n):
+        mx = mx if mx > x[i] else x[i]
+    if mx < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _Z
+    nm = F32(nmax)
+    iscale = nm / mx
+    for i in range(n):
+        L[i] = _nint(iscale * x[i]) & 0xFF
+    scale = _ONE / iscale
+    best = _Z
+    for i in range(n):
+        diff = x[i] - scale * F32(L[i])
+        best += (w[i] * diff) * diff
+    for k in range(-4, 5):
+        if k == 0:
+            continue
+        isk = (F32(0.1) * F32(k) + nm) / mx
+        sck = _ONE / isk
+        mse = _Z
+        for i in range(n):
+            li = min(nmax, _nint(isk * x[i]))
+            diff = x[i] - sck * F32(li)
+            mse += (w[i] * diff) * diff
+        if mse < best:
+            best = mse
+            iscale = isk
+    sumlx = _Z
+    suml2 = _Z
+    for i in range(n):
+        li = min(nmax, _nint(iscale * x[i]))
+        L[i] = li & 0xFF
+        sumlx += (w[i] * x[i]) * F32(li)
+        suml2 += (w[i] * F32(li)) * F32(li)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            wi = w[i]
+            fL = F32(L[i])
+            slx = sumlx - (wi * x[i]) * fL
+            sl2 = suml2 - (wi * fL) * fL
+            if slx > _Z and sl2 > _Z:
+                nl_ = min(nmax, _nint((x[i] * sl2) / slx))
+                if nl_ != L[i]:
+                    slx += (wi * x[i]) * F32(nl_)
+                    sl2 += (wi * F32(nl_)) * F32(nl_)
+                    if (slx * slx) * suml2 > (sumlx * sumlx) * sl2:
+                        L[i] = nl_ & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    return sumlx / suml2 if suml2 > _Z else _Z
+
+
+# --------------------------------------------------------------------------- Q4_K / Q5_K
+
+
+@njit(**_JIT)
+def _kq45(x, n, qw, use_qw, five, out):
+    """Q4_K (five=False) / Q5_K (five=True) for the flat rows ``x`` (length multiple of 256).
+
+    use_qw: the ``_impl`` path with quant weights ``qw`` indexed by column (mod n).
+    """
+    nsb = x.size // QK_K
+    nl = LANES
+    SB = nl // 8
+    ts = 176 if five else 144
+    nmax = 31 if five else 15
+    if use_qw:
+        rmin, rdelta, nstep = F32(-0.9), F32(0.05), 36
+    elif five:
+        rmin, rdelta, nstep = F32(-0.5), F32(0.1), 15
+    else:
+        rmin, rdelta, nstep = F32(-1.0), F32(0.1), 20
+    xt = np.empty((32, nl), F32)
+    wt = np.empty((32, nl), F32)
+    lt = np.empty((32, nl), F32)
+    Lq = np.empty((32, nl), np.int32)
+    st = np.empty((20, nl), F32)
+    tmp = np.empty((4, 32), F32)
+    scales = np.empty(nl, F32)
+    mins = np.empty(nl, F32)
+    sw = np.empty(nl, F32)
+    lane = np.empty(nl, F32)
+    dl = np.empty(nl, F32)
+    dml = np.empty(nl, F32)
+    sig = np.empty(SB, F32)
+    sc12 = np.zeros(12, np.int64)
+    Ls = np.empty(8, np.int64)
+    Lm = np.empty(8, np.int64)
+    for t0 in range(0, nsb, SB):
+        nb = min(SB, nsb - t0)
+        _load(x, t0 * QK_K, nb * 8, 32, xt)
+        if use_qw:
+            for b in range(SB):
+                sig[b] = _Z
+            for e in range(QK_K):
+                for b in range(nb):
+                    v = x[(t0 + b) * QK_K + e]
+                    sig[b] += v * v
+            for s in range(nl):
+                lane[s] = (F32(2.0) * sig[s // 8]) / F32(256.0)  # sigma2
+            for s in range(nl):
+                sw[s] = _Z
+            for s in range(nl):
+                col = ((t0 * 8 + s) * 32) % n
+                for i in range(32):
+                    v = xt[i, s]
+                    wt[i, s] = qw[col + i] * np.sqrt(lane[s] + v * v)
+            for i in range(32):
+                for s in range(nl):
+                    sw[s] += wt[i, s]
+        else:
+            for s in range(nl):
+                lane[s] = _Z
+            for i in range(32):
+                for s in range(nl):
+                    lane[s] += xt[i, s] * xt[i, s]
+            for s in range(nl):
+                lane[s] = np.sqrt(lane[s] / F32(32.0))
+            for i in range(32):
+                for s in range(nl):
+                    wt[i, s] = lane[s] + abs(xt[i, s])
+        _qkx_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, mins, Lq, lt, st, tmp)
+        for b in range(nb):
+            o = (t0 + b) * ts
+            s0 = b * 8
+            for j in range(12):
+                sc12[j] = 0
+            if use_qw:
+                d_block = _qp(8, 63, scales[s0 : s0 + 8], sw[s0 : s0 + 8], Ls)
+                m_block = _qp(8, 63, mins[s0 : s0 + 8], sw[s0 : s0 + 8], Lm)
+                if five:
+                    for j in range(8):
+                        Ls[j] = min(63, Ls[j])
+                        Lm[j] = min(63, Lm[j])
+                dh = _f16(d_block)
+                mh = _f16(m_block)
+            else:
+                max_scale = _Z
+                max_min = _Z
+                for j in range(8):
+                    if scales[s0 + j] > max_scale:
+                        max_scale = scales[s0 + j]
+                    if mins[s0 + j] > max_min:
+                        max_min = mins[s0 + j]
+                inv_s = F32(63.0) / max_scale if max_scale > _Z else _Z
+                inv_m = F32(63.0) / max_min if max_min > _Z else _Z
+                for j in range(8):
+                    Ls[j] = min(63, _nint(inv_s * scales[s0 + j]) & 0xFF)
+                    Lm[j] = min(63, _nint(inv_m * mins[s0 + j]) & 0xFF)
+                dh = _f16(max_scale / F32(63.0))
+                mh = _f16(max_min / F32(63.0))
+            for j in range(8):
+                ls = Ls[j]
+                lm = Lm[j]
+                if j < 4:
+                    sc12[j] = ls
+                    sc12[j + 4] = lm
+                else:
+                    sc12[j + 4] = ((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF
+                    sc12[j - 4] = (sc12[j - 4] | ((ls >> 4) << 6)) & 0xFF
+                    sc12[j] = (sc12[j] | ((lm >> 4) << 6)) & 0xFF
+            _put16(out, o, dh)
+            _put16(out, o + 2, mh)
+            for j in range(12):
+                out[o + 4 + j] = sc12[j]
+            dv = _f16v(dh)
+            mv = _f16v(mh)
+            for j in range(8):
+                if j < 4:
+                    sc = sc12[j] & 63
+                    m = sc12[j + 4] & 63
+                else:
+                    sc = (sc12[j + 4] & 0xF) | ((sc12[j - 4] >> 6) << 4)
+                    m = (sc12[j + 4] >> 4) | ((sc12[j] >> 6) << 4)
+                dl[s0 + j] = dv * F32(sc)
+                dml[s0 + j] = mv * F32(m)
+        for s in range(nb * 8, nl):
+            dl[s] = _Z
+            dml[s] = _Z
+        for i in range(32):
+            for s in range(nl):
+                d = dl[s]
+                q = _nint((xt[i, s] + dml[s]) / d)
+                q = max(0, min(nmax, q))
+                Lq[i, s] = np.int32(q) if d != _Z else Lq[i, s]
+        for b in range(nb):
+            o = (t0 + b) * ts
+            s0 = b * 8
+            if five:
+                for l in range(32):
+                    h = 0
+                    for c in range(4):
+                        a0 = Lq[l, s0 + 2 * c]
+                        a1 = Lq[l, s0 + 2 * c + 1]
+                        h |= ((a0 >> 4) & 1) << (2 * c)
+                        h |= ((a1 >> 4) & 1) << (2 * c + 1)
+                        out[o + 48 + 32 * c + l] = (a0 & 0xF) | ((a1 & 0xF) << 4)
+                    out[o + 16 + l] = h
+            else:
+                for c in range(4):
+                    for l in range(32):
+                        out[o + 16 + 32 * c + l] = (Lq[l, s0 + 2 * c] | (Lq[l, s0 + 2 * c + 1] << 4)) & 0xFF
+
+
+# --------------------------------------------------------------------------- Q6_K
+
+
+@njit(**_JIT)
+def _kq6(x, n, qw, use_qw, out):
+    """Q6_K (``_ref``, or ``_impl`` with quant weights ``qw`` used directly as weights)."""
+    nsb = x.size // QK_K
+    nl = LANES
+    SB = nl // 16
+    xt = np.empty((16, nl), F32)
+    wt = np.empty((16, nl), F32)
+    Lq = np.empty((16, nl), np.int32)
+    st = np.empty((8, nl), F32)
+    scales = np.empty(nl, F32)
+    dl = np.empty(nl, F32)
+    for t0 in range(0, nsb, SB):
+        nb = min(SB, nsb - t0)
+        _load(x, t0 * QK_K, nb * 16, 16, xt)
+        if use_qw:
+            for s in range(nl):
+                col = ((t0 * 16 + s) * 16) % n
+                for i in range(16):
+                    wt[i, s] = qw[col + i]
+        else:
+            for i in range(16):
+                for s in range(nl):
+                    wt[i, s] = xt[i, s] * xt[i, s]
+        _qx_lanes(xt, wt, 16, 32, scales, Lq, st)
+        for s in range(nl):
+            dl[s] = _Z
+        for b in range(nb):
+            o = (t0 + b) * 210
+            s0 = b * 16
+            max_scale = _Z
+            max_abs = _Z
+            for j in range(16):
+                a = abs(scales[s0 + j])
+                if a > max_abs:
+                    max_abs = a
+                    max_scale = scales[s0 + j]
+            if max_abs < _EPS:
+                for j in range(210):
+                    out[o + j] = 0
+                for j in range(16):
+                    for i in range(16):
+                        Lq[i, s0 + j] = 0
+                continue
+            iscale = F32(-128.0) / max_scale
+            dh = _f16(_ONE / iscale)
+            _put16(out, o + 208, dh)
+            dv = _f16v(dh)
+            for j in range(16):
+                q = _s8(min(127, _nint(iscale * scales[s0 + j])))
+                out[o + 192 + j] = q & 0xFF
+                dl[s0 + j] = dv * F32(q)
+        for i in range(16):
+            for s in range(nl):
+                d = dl[s]
+                q = _nint(xt[i, s] / d)
+                q = max(-32, min(31, q)) + 32
+                Lq[i, s] = np.int32(q) if d != _Z else Lq[i, s]
+        for b in range(nb):
+            o = (t0 + b) * 210
+            s0 = b * 16
+            for h in range(2):
+                for l in range(32):
+                    e0 = 128 * h + l
+                    a0 = Lq[e0 % 16, s0 + e0 // 16]
+                    a1 = Lq[(e0 + 32) % 16, s0 + (e0 + 32) // 16]
+                    a2 = Lq[(e0 + 64) % 16, s0 + (e0 + 64) // 16]
+                    a3 = Lq[(e0 + 96) % 16, s0 + (e0 + 96) // 16]
+                    out[o + 64 * h + l] = ((a0 & 0xF) | ((a2 & 0xF) << 4)) & 0xFF
+                    out[o + 64 * h + 32 + l] = ((a1 & 0xF) | ((a3 & 0xF) << 4)) & 0xFF
+                    out[o + 128 + 32 * h + l] = ((a0 >> 4) | ((a1 >> 4) << 2) | ((a2 >> 4) << 4) | ((a3 >> 4) << 6)) & 0xFF
+
+
+# --------------------------------------------------------------------------- Q8_0
+
+
+@njit(**_JIT)
+def _kq8_0(x, n, qw, use_qw, out):
+    """Q8_0 (``quantize_row_q8_0_ref``; imatrix ignored as in ggml)."""
+    nblk = x.size // 32
+    nl = LANES
+    xt = np.empty((32, nl), F32)
+    qt = np.empty((32, nl), np.int32)
+    am = np.empty(nl, F32)
+    idv = np.empty(nl, F32)
+    for b0 in range(0, nblk, nl):
+        m = min(nl, nblk - b0)
+        _load(x, b0 * 32, m, 32, xt)
+        for s in range(nl):
+            am[s] = _Z
+        for i in range(32):
+            for s in range(nl):
+                a = abs(xt[i, s])
+                c = am[s]
+                am[s] = c if c > a else a
+        for s in range(m):
+            d = am[s] / F32(127.0)
+            idv[s] = _ONE / d if d != _Z else _Z
+            _put16(out, (b0 + s) * 34, _f16(d))
+        for i in range(32):
+            for s in range(nl):
+                v = xt[i, s] * idv[s]
+                a = abs(v)
+                t = np.trunc(a)
+                r = t + _ONE if a - t >= _HALF else t
+                ok = r < _TWO31
+                qi = np.int32(r) if ok else np.int32(0)
+                qi = -qi if v < _Z else qi
+                qt[i, s] = qi if ok else np.int32(_I32_MIN)
+        for s in range(m):
+            o = (b0 + s) * 34 + 2
+            for i in range(32):
+                out[o + i] = qt[i, s] & 0xFF
+
+
+# --------------------------------------------------------------------------- Q4_0 / Q5_0 / Q5_1
+
+
+@njit(**_JIT)
+def _row_sigma2(x, n, sig):
+    """Per row: sum of x*x (sequential) / n_per_row (``_impl`` of the legacy types)."""
+    nrows = x.size // n
+    for r in range(nrows):
+        s = _Z
+        o = r * n
+        for j in range(n):
+            s += x[o + j] * x[o + j]
+        sig[r] = s / F32(n)
+
+
+@njit(**_JIT)
+def _legacy_weights(xt, qw, n, b0, sig, wt):
+    nl = xt.shape[1]
+    for s in range(nl):
+        e = (b0 + s) * 32
+        r = min(e // n, sig.size - 1)
+        col = e % n
+        sg = sig[r]
+        for i in range(32):
+            v = xt[i, s]
+            wt[i, s] = qw[col + i] * np.sqrt(sg + v * v)
+
+
+@njit(**_JIT)
+def _pack5(out, o, L, s):
+    """qh (u32 at o) and qs (16 bytes at o+4) of a 5-bit block from L[:, s] (uint8 values)."""
+    qh = 0
+    for j in range(16):
+        a0 = L[j, s] & 0xFF
+        a1 = L[j + 16, s] & 0xFF
+        out[o + 4 + j] = (a0 & 0x0F) | ((a1 & 0x0F) << 4)
+        qh |= ((a0 & 0x10) >> 4) << j
+        qh |= ((a1 & 0x10) >> 4) << (j + 16)
+    out[o] = qh & 0xFF
+    out[o + 1] = (qh >> 8) & 0xFF
+    out[o + 2] = (qh >> 16) & 0xFF
+    out[o + 3] = (qh >> 24) & 0xFF
+
+
+@njit(**_JIT)
+def _kq4_0_5_0(x, n, qw, use_qw, five, out):
+    """Q4_0 (five=False) / Q5_0 (five=True): ``_ref``, or ``_impl`` with quant weights."""
+    nblk = x.size // 32
+    nl = LANES
+    ts = 22 if five else 18
+    xt = np.empty((32, nl), F32)
+    wt = np.empty((32, nl), F32)
+    Lq = np.empty((32, nl), np.int32)
+    st = np.empty((8, nl), F32)
+    scales = np.empty(nl, F32)
+    am = np.empty(nl, F32)
+    mx = np.empty(nl, F32)
+    idv = np.empty(nl, F32)
+    sig = np.empty(max(1, x.size // n), F32)
+    if use_qw:
+        _row_sigma2(x, n, sig)
+    dneg = F32(-16.0) if five else F32(-8.0)
+    off = F32(16.5) if five else F32(8.5)
+    qmax = 31 if five else 15
+    for b0 in range(0, nblk, nl):
+        m = min(nl, nblk - b0)
+        _load(x, b0 * 32, m, 32, xt)
+        if use_qw:
+            _legacy_weights(xt, qw, n, b0, sig, wt)
+            _qx_lanes(xt, wt, 32, 16 if five else 8, scales, Lq, st)
+            for s in range(m):
+                _put16(out, (b0 + s) * ts, _f16(scales[s]))
+        else:
+            for s in range(nl):
+                am[s] = _Z
+                mx[s] = _Z
+            for i in range(32):
+                for s in range(nl):
+                    v = xt[i, s]
+                    a = abs(v)
+                    c = am[s] < a
+                    am[s] = a if c else am[s]
+                    mx[s] = v if c else mx[s]
+            for s in range(m):
+                d = mx[s] / dneg
+                idv[s] = _ONE / d if d != _Z else _Z
+                _put16(out, (b0 + s) * ts, _f16(d))
+            for i in range(32):
+                for s in range(nl):
+                    v = xt[i, s] * idv[s] + off
+                    ok = v >= F32(-2147483648.0) and v < _TWO31
+                    c = np.int32(v) if ok else np.int32(_I32_MIN)
+                    q = _s8(c)
+                    q = q if q < qmax else qmax
+                    Lq[i, s] = q & 0xFF
+        for s in range(m):
+            o = (b0 + s) * ts + 2
+            if five:
+                _pack5(out, o, Lq, s)
+            else:
+                for j in range(16):
+                    out[o + j] = (Lq[j, s] | (Lq[j + 16, s] << 4)) & 0xFF
+
+
+@njit(**_JIT)
+def _kq5_1(x, n, qw, use_qw, out):
+    """Q5_1: ``_ref``, or ``_impl`` (make_qkx3_quants with row-sigma2 weights)."""
+    nblk = x.size // 32
+    nl = LANES
+    xt = np.empty((32, nl), F32)
+    wt = np.empty((32, nl), F32)
+    lt = np.empty((32, nl), F32)
+    Lq = np.empty((32, nl), np.int32)
+    st = np.empty((20, nl), F32)
+    tmp = np.empty((4, 32), F32)
+    scales = np.empty(nl, F32)
+    mins = np.empty(nl, F32)
+    mn = np.empty(nl, F32)
+    mx = np.empty(nl, F32)
+    idv = np.empty(nl, F32)
+    sig = np.empty(max(1, x.size // n), F32)
+    if use_qw:
+        _row_sigma2(x, n, sig)
+    for b0 in range(0, nblk, nl):
+        m = min(nl, nblk - b0)
+        _load(x, b0 * 32, m, 32, xt)
+        if use_qw:
+            _legacy_weights(xt, qw, n, b0, sig, wt)
+            _qkx_lanes(xt, wt, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq, lt, st, tmp)
+            for s in range(m):
+                o = (b0 + s) * 24
+                _put16(out, o, _f16(scales[s]))
+                _put16(out, o + 2, _f16(-mins[s]))
+        else:
+            for s in range(nl):
+                mn[s] = _FLT_MAX
+                mx[s] = -_FLT_MAX
+            for i in range(32):
+                for s in range(nl):
+                    v = xt[i, s]
+                    mn[s] = v if v < mn[s] else mn[s]
+                    mx[s] = v if v > mx[s] else mx[s]
+            for s in range(m):
+                d = (mx[s] - mn[s]) / F32(31.0)
+                idv[s] = _ONE / d if d != _Z else _Z
+                o = (b0 + s) * 24
+                _put16(out, o, _f16(d))
+                _put16(out, o + 2, _f16(mn[s]))
+            for i in range(32):
+                for s in range(nl):
+                    v = (xt[i, s] - mn[s]) * idv[s] + _HALF
+                    ok = v >= F32(-2147483648.0) and v < _TWO31
+                    c = np.int32(v) if ok else np.int32(_I32_MIN)
+                    Lq[i, s] = c & 0xFF
+        for s in range(m):
+            _pack5(out, (b0 + s) * 24 + 4, Lq, s)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+# name -> (block size, type size, unit of work without imatrix)
+_SPECS = {
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_K": (QK_K, 144),
+    "Q5_K": (QK_K, 176),
+    "Q6_K": (QK_K, 210),
+}
+NAMES = tuple(_SPECS)
+
+#: Elements per work item handed to a thread.
+CHUNK_ELEMS = 1 << 18
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        p = _pools.get(n)
+        if p is None:
+            p = _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="quant-numba")
+        return p
+
+
+def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
+    if name == "Q4_K":
+        _kq45(x, n, qw, use_qw, False, out)
+    elif name == "Q5_K":
+        _kq45(x, n, qw, use_qw, True, out)
+    elif name == "Q6_K":
+        _kq6(x, n, qw, use_qw, out)
+    elif name == "Q8_0":
+        _kq8_0(x, n, qw, False, out)
+    elif name == "Q4_0":
+        _kq4_0_5_0(x, n, qw, use_qw, False, out)
+    elif name == "Q5_0":
+        _kq4_0_5_0(x, n, qw, use_qw, True, out)
+    else:
+        _kq5_1(x, n, qw, use_qw, out)
+
+
+def quantize_rows(name: str, x: np.ndarray, qw: np.ndarray | None, threads: int | None = None) -> np.ndarray:
+    """Quantize float32 rows ``[nrows, n]`` to ggml bytes ``[nrows, n/bs*type_size]``.
+
+    Same bytes as ``ggml_quantize_chunk(type, x, dst, 0, nrows, n, qw)``.  ``qw`` (float32
+    ``[n]``, llama.cpp's quant_weights) selects the ``_impl`` path; Q8_0 ignores it.
+    ``threads``: worker threads (``None`` = ``os.cpu_count()``).
+    """
+    key = name.upper()
+    try:
+        bs, ts = _SPECS[key]
+    except KeyError:
+        raise ValueError(f"numba backend: unsupported type {name!r}") from None
+    x = np.ascontiguousarray(x, dtype=F32)
+    if x.ndim != 2 or x.shape[1] % bs:
+        raise ValueError(f"{key}: expected [nrows, n] with n a multiple of {bs}, got {x.shape}")
+    nrows, n = x.shape
+    use_qw = qw is not None and key != "Q8_0"
+    if use_qw:
+        qw = np.ascontiguousarray(qw, dtype=F32).reshape(-1)
+        if qw.size != n:
+            raise ValueError(f"{key}: quant weights have {qw.size} values, rows have {n}")
+    else:
+        qw = np.zeros(1, F32)
+    out = np.empty((nrows, n // bs * ts), np.uint8)
+    if nrows == 0 or n == 0:
+        return out
+    nthreads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+
+    if use_qw:  # whole rows per work item (column index and row statistics)
+        flat_x, flat_o = x, out
+        unit, uelems = n, n
+    else:  # blocks are independent: split anywhere on a block boundary
+        unit = QK_K if bs == QK_K else 32 * LANES
+        if (nrows * n) % unit:
+            unit = bs
+        flat_x = x.reshape(-1, unit)
+        flat_o = out.reshape(flat_x.shape[0], -1)
+        uelems = unit
+    nunits = flat_x.shape[0]
+    per = max(1, CHUNK_ELEMS // uelems)
+    if nthreads > 1:
+        per = max(1, min(per, -(-nunits // nthreads)))
+    starts = list(range(0, nunits, per))
+
+    def work(u0: int) -> None:
+        u1 = min(nunits, u0 + per)
+        _run(key, flat_x[u0:u1].reshape(-1), n, qw, use_qw, flat_o[u0:u1].reshape(-1))
+
+    if nthreads == 1 or len(starts) == 1:
+        for u0 in starts:
+            work(u0)
+    else:
+        list(_pool(nthreads).map(work, starts))
+    return out
