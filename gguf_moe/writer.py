@@ -1,0 +1,135 @@
+"""Streaming GGUF output: header, KVs and tensor infos through ``gguf.GGUFWriter``, tensor
+data written chunk by chunk.
+
+``GGUFWriter`` serializes the header, the key/values and the tensor infos (planned sizes,
+``add_tensor_info(..., raw_dtype=...)``); the data section is then written here, tensor by
+tensor in tensor-info order, each tensor padded to the alignment (32 bytes, the last one
+too, as llama.cpp does).  Bytes written per tensor are counted and must equal the plan.
+
+The file is written as ``<out>.part`` next to the output and renamed with ``os.replace``
+when complete; ``abort()`` (any error, Ctrl-C) deletes the partial file.  An existing
+output is never overwritten unless ``force``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from gguf_moe.errors import GgufMoeError
+
+__all__ = ["StreamingGGUF", "part_path", "check_output_free"]
+
+
+def part_path(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def check_output_free(path: Path, force: bool) -> None:
+    """Refuse to start when ``path`` exists (unless ``force``) or cannot be written."""
+    if path.exists() and not force:
+        raise GgufMoeError(f"{path}: output already exists; use --force to overwrite it or choose another name")
+    if path.is_dir():
+        raise GgufMoeError(f"{path}: is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise GgufMoeError(f"{parent}: output directory does not exist; create it first")
+
+
+class StreamingGGUF:
+    """One output file.  ``w`` holds the KVs and the tensor infos (in write order) and has
+    not been written yet; ``sizes`` are the planned byte sizes of those tensors."""
+
+    def __init__(self, path: Path, w: gguf.GGUFWriter, *, force: bool = False):
+        self.path = Path(path)
+        self.part = part_path(self.path)
+        self.force = force
+        self.w = w
+        self.names = list(w.tensors[0].keys())
+        self.sizes = [ti.nbytes for ti in w.tensors[0].values()]
+        self.align = w.data_alignment
+        self._fout = None
+        self._i = -1
+        self._written = 0
+        self.data_offset = 0
+        self.bytes_total = 0
+        self._created = False
+
+    # -- lifecycle ----------------------------------------------------------------
+    def open(self) -> None:
+        check_output_free(self.path, self.force)
+        self._created = True
+        self.w.write_header_to_file(self.part)
+        self.w.write_kv_data_to_file()
+        self.w.write_ti_data_to_file()
+        self._fout = self.w.fout[0]
+        self._pad()
+        self.data_offset = self._fout.tell()
+
+    def _pad(self) -> None:
+        pos = self._fout.tell()
+        pad = -pos % self.align
+        if pad:
+            self._fout.write(b"\0" * pad)
+
+    def begin_tensor(self, name: str) -> None:
+        self._finish_tensor()
+        self._i += 1
+        if self._i >= len(self.names) or self.names[self._i] != name:
+            want = self.names[self._i] if self._i < len(self.names) else "(none)"
+            raise GgufMoeError(f"{self.path}: internal error: writing tensor {name!r} but the file expects {want!r} next")
+        self._written = 0
+
+    def write(self, data: np.ndarray) -> None:
+        b = np.ascontiguousarray(data).view(np.uint8)
+        self._written += b.nbytes
+        if self._written > self.sizes[self._i]:
+            raise GgufMoeError(
+                f"{self.path}: tensor {self.names[self._i]!r} got {self._written} bytes, planned {self.sizes[self._i]}"
+            )
+        b.tofile(self._fout)
+
+    def _finish_tensor(self) -> None:
+        if self._i < 0:
+            return
+        if self._written != self.sizes[self._i]:
+            raise GgufMoeError(
+                f"{self.path}: tensor {self.names[self._i]!r} got {self._written} bytes, planned {self.sizes[self._i]}"
+            )
+        self._pad()
+
+    def close(self) -> Path:
+        """Finish the file, check its size and move it into place."""
+        self._finish_tensor()
+        if self._i != len(self.names) - 1:
+            raise GgufMoeError(f"{self.path}: internal error: {self._i + 1} of {len(self.names)} tensors written")
+        self._fout.flush()
+        end = self._fout.tell()
+        expected = self.data_offset + sum(-(-s // self.align) * self.align for s in self.sizes)
+        self.w.close()
+        self._fout = None
+        if end != expected:
+            raise GgufMoeError(f"{self.path}: wrote {end} bytes, planned {expected}")
+        if self.path.exists() and not self.force:
+            raise GgufMoeError(f"{self.path}: output appeared while converting; use --force to overwrite it")
+        os.replace(self.part, self.path)
+        self.bytes_total = end
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the partial file (never touches the final output)."""
+        try:
+            if self.w.fout:
+                for f in self.w.fout:
+                    f.close()
+        except Exception:
+            pass
+        self._fout = None
+        if self._created:
+            try:
+                self.part.unlink()
+            except FileNotFoundError:
+                pass
