@@ -166,7 +166,8 @@ def _float_convert(x: np.ndarray, name: str) -> np.ndarray:
     if name == "F32":
         out = np.ascontiguousarray(x, dtype=np.float32)
     elif name == "F16":
-        out = x.astype(np.float16)
+        with np.errstate(over="ignore"):  # |x| > 65504 becomes inf, as in ggml and gguf-py
+            out = x.astype(np.float16)
     else:  # BF16: round to nearest even; NaN -> quiet NaN (as ggml_compute_fp32_to_bf16)
         u = x.view(np.uint32).astype(np.uint64)
         r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
@@ -240,7 +241,8 @@ def dequantize(data, qtype, n_per_row: int) -> np.ndarray:
         raise QuantError(f"{q.name}: data must be uint8 bytes, got {data.dtype}")
     if data.ndim == 0 or data.size % rb:
         raise QuantError(f"{q.name}: {data.size} bytes is not a whole number of {rb}-byte rows")
-    lead = data.shape[:-1] if data.ndim > 1 and data.shape[-1] == rb else (data.size // rb,)
+    # [..., row_bytes] keeps its leading dims (one 1-D row gives one 1-D row); other flat data is rows
+    lead = data.shape[:-1] if data.shape[-1] == rb else (data.size // rb,)
     rows = data.reshape(-1, rb)
     if q.name == "F32":
         out = rows.view(np.float32)
