@@ -1,0 +1,370 @@
+"""Tokenizer conversion, checked against llama.cpp itself.
+
+A vocab-only GGUF written with `add_tokenizer` is loaded by llama.cpp (llama-cpp-python); it
+must tokenize a varied text set to exactly the ids of the Hugging Face tokenizer (transformers
+AutoTokenizer and the tokenizers library, plus sentencepiece for SPM models) and detokenize
+back to the same text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+
+from gguf_moe.errors import TokenizerError
+from gguf_moe.synth import make_model
+from gguf_moe.tokenizer import CHKTXT, KNOWN_PRE_TOKENIZERS, _PRE_BY_HASH, add_tokenizer, detect_pre_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+transformers = pytest.importorskip("transformers")
+from tokenizers import Tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM_BASE = REPO / ".cache" / "llama.cpp" / "conversion" / "base.py"
+
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    " ",
+    "  leading spaces",
+    "trailing spaces   ",
+    "tabs\tand\t\ttabs",
+    "\n",
+    "\n\n\nnewlines\r\nwindows\r\n",
+    "   \n  \t\n ",
+    "1234567890 3.14159 1,000,000.50 -42 0x1F 007",
+    "3 33 333 3333 33333 333333",
+    "I've been 'told he's there, 'RE you sure? We'Ve a'lL",
+    "Café déjà vu, naïve façade, señor Müller, Ærøskøbing",
+    "e\u0301 combining, Å vs A\u030a",
+    "Привет, мир! Съешь же ещё этих мягких французских булок.",
+    "我想在apple工作1314151天～ 今天天气很好。",
+    "日本語のテキスト、カタカナとひらがな。",
+    "한국어 텍스트입니다.",
+    "مرحبا بالعالم — שלום עולם",
+    "ภาษาไทย กขค",
+    "emoji 🚀 🦙🦙 ✅ 😶\u200d🌫️ 👩🏽\u200d💻 🇩🇪",
+    "math: x² + y² = z², ∑ᵢ aᵢ ≤ ∞, π ≈ 3.14",
+    "rare: ʬ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ \u2603 \u00a0nbsp\u202fnarrow",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n",
+    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>",
+    "------======= ''''''```````\"\"\"\"......!!!!!!??????",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "MixOfCASEandDigits123abcXYZ",
+    "control chars \x00 \x07 \x1b[0m \x7f",
+]
+
+SPM_SPECIAL_TEXTS = [
+    "<s>[INST] hi [/INST] ok</s>",
+    "a<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant",
+    "x<|im_end|>y",
+]
+
+BPE_SPECIAL_TEXTS = [
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+    "text<|eot_id|>more<|end_of_text|>",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def write_vocab_gguf(src: Path, out: Path, *, pre_tokenizer: str | None = None) -> Path:
+    """A GGUF with the llama hyper-parameters llama.cpp needs and the converted tokenizer."""
+    cfg = json.loads((src / "config.json").read_text())
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_type("model")
+    w.add_name(src.name)
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(32)
+    w.add_quantization_version(2)
+    add_tokenizer(w, src, vocab_size=cfg["vocab_size"], pre_tokenizer=pre_tokenizer)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return out
+
+
+def load_vocab(path: Path):
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def lc_tokenize(llm, text: str) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+
+def lc_detokenize(llm, ids: list[int], *, remove_special: bool, unparse_special: bool) -> str:
+    """llama_detokenize with a buffer large enough for any piece (the high-level wrapper
+    truncates pieces longer than 32 bytes)."""
+    arr = (llama_cpp.llama_token * len(ids))(*ids)
+    buf = ctypes.create_string_buffer(1 << 16)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, len(buf), remove_special, unparse_special)
+    assert n >= 0, f"detokenize buffer too small ({n})"
+    return buf.raw[:n].decode("utf-8", errors="replace")
+
+
+def gguf_field(path: Path, key: str):
+    field = gguf.GGUFReader(str(path)).fields.get(key)
+    return None if field is None else field.contents()
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+TINY = dict(layout="dense", n_layer=1, hidden=64, ff=128, n_head=2, n_kv_head=1, shards=1)
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tok") / "spm-model", tokenizer="spm", **TINY)
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tok") / "bpe-model", tokenizer="bpe", **TINY)
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(spm_model, tmp_path_factory) -> Path:
+    return write_vocab_gguf(spm_model, tmp_path_factory.mktemp("tok") / "spm.gguf")
+
+
+@pytest.fixture(scope="module")
+def bpe_gguf(bpe_model, tmp_path_factory) -> Path:
+    return write_vocab_gguf(bpe_model, tmp_path_factory.mktemp("tok") / "bpe.gguf")
+
+
+# --------------------------------------------------------------------------------------------
+# SentencePiece
+# --------------------------------------------------------------------------------------------
+
+
+def test_spm_tokenize_matches_hf_and_sentencepiece(spm_model, spm_gguf):
+    import sentencepiece as spm
+
+    llm = load_vocab(spm_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(spm_model)
+    fast = Tokenizer.from_file(str(spm_model / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model / "tokenizer.model"))
+    mismatches = []
+    for text in TEXTS + SPM_SPECIAL_TEXTS:
+        ours = lc_tokenize(llm, text)
+        ref = hf.encode(text)
+        if ours != ref or fast.encode(text).ids != ref:
+            mismatches.append((text, ours, ref))
+        if text not in SPM_SPECIAL_TEXTS and "<s>" not in text:
+            # sentencepiece itself knows no added tokens; plain text must agree with it too
+            assert [1] + sp.encode(text) == ours, text
+    assert not mismatches, mismatches[:3]
+    # byte fallback is exercised: some text needs <0xXX> pieces
+    rare = lc_tokenize(llm, TEXTS[23])
+    assert any(re.fullmatch(r"<0x[0-9A-F]{2}>", hf.convert_ids_to_tokens(i)) for i in rare)
+
+
+def test_spm_detokenize_round_trip(spm_model, spm_gguf):
+    llm = load_vocab(spm_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(spm_model)
+    for text in TEXTS + SPM_SPECIAL_TEXTS:
+        ids = hf.encode(text)
+        assert ids[0] == 1
+        plain = lc_detokenize(llm, ids[1:], remove_special=True, unparse_special=False)
+        if ids[1:2] != [1]:  # (a literal "<s>" first: llama.cpp keeps the space after a leading BOS)
+            assert plain == hf.decode(ids, skip_special_tokens=True), text
+        if "\x00" not in text and "\x07" not in text and "\x1b" not in text and "\x7f" not in text:
+            if text.strip(" ") == text and "<" not in text:
+                assert plain == text
+
+
+def test_spm_keys_and_metadata(spm_model, spm_gguf):
+    cfg = json.loads((spm_model / "config.json").read_text())
+    tcfg = json.loads((spm_model / "tokenizer_config.json").read_text())
+    llm = load_vocab(spm_gguf)
+    assert llm.n_vocab() == cfg["vocab_size"]
+    assert llm.metadata["tokenizer.ggml.model"] == "llama"
+    assert llm.metadata["tokenizer.chat_template"] == tcfg["chat_template"]
+    assert llm.token_bos() == 1 and llm.token_eos() == 2
+    # added tokens of tokenizer_config.json are control tokens llama.cpp parses as one id
+    im_end = tcfg["additional_special_tokens"][1]
+    assert llm.tokenize(im_end.encode(), add_bos=False, special=True) == [int(
+        next(k for k, v in tcfg["added_tokens_decoder"].items() if v["content"] == im_end))]
+    types = gguf_field(spm_gguf, "tokenizer.ggml.token_type")
+    # <unk>, <s>, </s> are marked special in tokenizer_config.json: control tokens, as llama.cpp's converter makes them
+    assert types[:3] == [gguf.TokenType.CONTROL] * 3
+    assert types[3] == gguf.TokenType.BYTE and types[3 + 255] == gguf.TokenType.BYTE
+
+
+def test_spm_vocab_padding(tmp_path):
+    """config vocab_size larger than the tokenizer: [PAD{i}] unused tokens fill the rest."""
+    base = make_model(tmp_path / "m0", tokenizer="spm", **TINY)
+    n_tok = json.loads((base / "config.json").read_text())["vocab_size"]
+    src = make_model(tmp_path / "m", tokenizer="spm", vocab_size=n_tok + 30, **TINY)
+    path = write_vocab_gguf(src, tmp_path / "pad.gguf")
+    tokens = gguf_field(path, "tokenizer.ggml.tokens")
+    types = gguf_field(path, "tokenizer.ggml.token_type")
+    assert len(tokens) == n_tok + 30
+    assert tokens[n_tok:] == [f"[PAD{i}]" for i in range(n_tok, n_tok + 30)]
+    assert set(types[n_tok:]) == {gguf.TokenType.UNUSED}
+    llm = load_vocab(path)
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    assert llm.n_vocab() == n_tok + 30
+    for text in TEXTS[:12]:
+        assert lc_tokenize(llm, text) == hf.encode(text)
+
+
+def test_llama_style_tokenizer_json_without_model_file(spm_model, tmp_path):
+    """Llama-2-style BPE with byte fallback given only as tokenizer.json: scores come from the
+    merge ranks, so llama.cpp's score-driven merging reproduces the HF tokenizer."""
+    src = tmp_path / "json-only"
+    shutil.copytree(spm_model, src)
+    (src / "tokenizer.model").unlink()
+    (src / "added_tokens.json").unlink()
+    path = write_vocab_gguf(src, tmp_path / "json-only.gguf")
+    assert gguf_field(path, "tokenizer.ggml.model") == "llama"
+    llm = load_vocab(path)
+    fast = Tokenizer.from_file(str(src / "tokenizer.json"))
+    bad = [t for t in TEXTS + SPM_SPECIAL_TEXTS if lc_tokenize(llm, t) != fast.encode(t).ids]
+    assert not bad, bad[:3]
+
+
+# --------------------------------------------------------------------------------------------
+# byte-level BPE
+# --------------------------------------------------------------------------------------------
+
+
+def test_bpe_tokenize_matches_hf(bpe_model, bpe_gguf):
+    llm = load_vocab(bpe_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(bpe_model)
+    fast = Tokenizer.from_file(str(bpe_model / "tokenizer.json"))
+    assert gguf_field(bpe_gguf, "tokenizer.ggml.model") == "gpt2"
+    assert gguf_field(bpe_gguf, "tokenizer.ggml.pre") == "llama-bpe"
+    mismatches = []
+    for text in TEXTS + BPE_SPECIAL_TEXTS:
+        ours = lc_tokenize(llm, text)
+        ref = hf.encode(text)
+        if ours != ref or fast.encode(text).ids != ref:
+            mismatches.append((text, ours, ref))
+    assert not mismatches, mismatches[:3]
+
+
+def test_bpe_detokenize_round_trip(bpe_model, bpe_gguf):
+    llm = load_vocab(bpe_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(bpe_model)
+    for text in TEXTS + BPE_SPECIAL_TEXTS:
+        ids = hf.encode(text)
+        plain = lc_detokenize(llm, ids[1:], remove_special=True, unparse_special=False)
+        assert plain == hf.decode(ids, skip_special_tokens=True), text
+        full = lc_detokenize(llm, ids, remove_special=False, unparse_special=True)
+        assert full == hf.decode(ids, skip_special_tokens=False), text
+        if "<|" not in text:
+            assert plain == text
+
+
+def test_bpe_keys(bpe_model, bpe_gguf):
+    cfg = json.loads((bpe_model / "config.json").read_text())
+    tok = json.loads((bpe_model / "tokenizer.json").read_text())
+    merges = gguf_field(bpe_gguf, "tokenizer.ggml.merges")
+    assert merges == [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]]
+    assert gguf_field(bpe_gguf, "tokenizer.ggml.scores") is None
+    assert gguf_field(bpe_gguf, "tokenizer.ggml.bos_token_id") == cfg["bos_token_id"]
+    assert gguf_field(bpe_gguf, "tokenizer.ggml.eos_token_id") == cfg["eos_token_id"]
+    assert gguf_field(bpe_gguf, "tokenizer.ggml.add_bos_token") is True
+    types = gguf_field(bpe_gguf, "tokenizer.ggml.token_type")
+    assert types[cfg["bos_token_id"]] == gguf.TokenType.CONTROL
+    assert types.count(gguf.TokenType.CONTROL) == 8
+    llm = load_vocab(bpe_gguf)
+    assert llm.n_vocab() == cfg["vocab_size"]
+    assert llm.token_bos() == cfg["bos_token_id"]
+
+
+def _with_pre_tokenizer(src: Path, dst: Path, pre: dict) -> Path:
+    shutil.copytree(src, dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = pre
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    return dst
+
+
+def test_unknown_pre_tokenizer_is_an_error(bpe_model, tmp_path):
+    # digits split one by one and no contraction rule: neither a known hash nor a known definition
+    pre = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\p{N}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+"},
+             "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    src = _with_pre_tokenizer(bpe_model, tmp_path / "custom-pre", pre)
+    name, chkhsh = detect_pre_tokenizer(src)
+    assert name is None and re.fullmatch(r"[0-9a-f]{64}", chkhsh)
+    with pytest.raises(TokenizerError) as err:
+        write_vocab_gguf(src, tmp_path / "x.gguf")
+    msg = str(err.value)
+    assert "--pre-tokenizer NAME" in msg and chkhsh in msg and "\n" not in msg
+    # naming it explicitly works and is what llama.cpp then uses
+    path = write_vocab_gguf(src, tmp_path / "ok.gguf", pre_tokenizer="gpt-2")
+    assert gguf_field(path, "tokenizer.ggml.pre") == "gpt-2"
+    load_vocab(path)
+    with pytest.raises(TokenizerError, match="not a pre-tokenizer llama.cpp knows"):
+        write_vocab_gguf(src, tmp_path / "bad.gguf", pre_tokenizer="no-such-pre")
+
+
+def test_cli_reports_unknown_pre_tokenizer(bpe_model, tmp_path):
+    from click.testing import CliRunner
+
+    from gguf_moe.cli import main
+
+    pre = {"type": "Whitespace"}
+    src = _with_pre_tokenizer(bpe_model, tmp_path / "ws-pre", pre)
+    res = CliRunner().invoke(main, ["convert", str(src), "-t", "F32", "-o", str(tmp_path / "o.gguf"), "-q"])
+    assert res.exit_code == 1, res.output
+    assert "--pre-tokenizer" in res.output
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_missing_tokenizer_is_an_error(bpe_model, tmp_path):
+    src = tmp_path / "no-tok"
+    src.mkdir()
+    shutil.copy(bpe_model / "config.json", src / "config.json")
+    with pytest.raises(TokenizerError, match="no tokenizer found"):
+        write_vocab_gguf(src, tmp_path / "x.gguf")
+
+
+def test_vocab_size_too_small_is_an_error(bpe_model, tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
+    with pytest.raises(TokenizerError, match="does not fit the model's vocab_size 100"):
+        add_tokenizer(w, bpe_model, vocab_size=100)
+
+
+@pytest.mark.skipif(not UPSTREAM_BASE.is_file(), reason="llama.cpp converter not unpacked (scripts/setup.sh --dev)")
+def test_pre_tokenizer_table_matches_upstream():
+    """The check text and every hash -> name pair are those of llama.cpp's converter."""
+    src = UPSTREAM_BASE.read_text(encoding="utf-8")
+    m = re.search(r"chktxt = (['\"].*['\"])\n", src)
+    assert m is not None
+    assert eval(m.group(1)) == CHKTXT  # a plain string literal from the upstream file
+    pairs = set(re.findall(r'if chkhsh == "([0-9a-f]{64})":\s*\n\s*#[^\n]*\n\s*res = "([^"]+)"', src))
+    assert pairs, "hash table not found upstream"
+    for h, name in _PRE_BY_HASH.items():
+        assert (h, name) in pairs, (h, name)
+        assert name in KNOWN_PRE_TOKENIZERS
