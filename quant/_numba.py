@@ -46,7 +46,7 @@ F32 = np.float32
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
 
 #: Sub-blocks processed together (SIMD lanes of the inner loops).
-LANES = 64
+LANES = 128
 QK_K = 256
 
 _MAGIC = F32(12582912.0)  # 1.5 * 2**23, ggml nearest_int
@@ -140,101 +140,121 @@ def _put16(out, o, h):
     out[o + 1] = (h >> 8) & 0xFF
 
 
-@njit(**_JIT)
-def _load(x, base, nvalid, bs, xt):
-    """xt[i, s] = x[base + s*bs + i] for lanes s < nvalid; zeros in the other lanes."""
-    nl = xt.shape[1]
-    for s in range(nl):
-        if s < nvalid:
-            o = base + s * bs
-            for i in range(bs):
-                xt[i, s] = x[o + i]
-        else:
-            for i in range(bs):
-                xt[i, s] = _Z
+# --------------------------------------------------------------------------- tile layout
+#
+# A tile is one flat float32 buffer ``buf``: in-block index i, lane s at ``base + i*LANES + s``.
+# All offsets are compile-time constants, so LLVM sees every access as the same base plus
+# a constant offset, proves the rows independent and vectorizes without runtime checks.
+
+_NL = LANES
+# make_qkx2/3_quants tiles (32 values per lane): x, weights, candidate L, per-lane state
+_KX = 0
+_KW = 32 * _NL
+_KLT = 64 * _NL
+_KST = 96 * _NL
+(_MN, _MX, _SW, _SX, _XLO, _BEST, _ACCI, _ACCM, _SCL, _ISC, _SL, _SL2, _SXL, _TSC, _TMN, _CUR, _DOK, _BAD) = (
+    _KST + k * _NL for k in range(18)
+)
+_KSIZE = _KST + 18 * _NL
 
 
 # --------------------------------------------------------------------------- make_qx_quants (rmse_type 1)
 
 
-@njit(**_JIT)
-def _qx_lanes(xt, wt, n, nmax, scales, Lq, st):
-    """``make_qx_quants(n, nmax, x, L, 1, w)`` for every lane.
+def _make_qx(N):
+    """Build ``make_qx_quants(N, nmax, x, L, 1, w)`` over the lanes of a tile.
 
-    xt, wt: [n, LANES]; out: scales[LANES], Lq[n, LANES] (L in 0 .. 2*nmax-1, 0 for
-    all-zero lanes).  st: float32 work array [>= 8, LANES].
+    Tile layout: x at 0, weights at N*LANES, then scratch; size ``N*3*LANES + 8*LANES``.
+    Out: scales[LANES], Lq (int32, [N*LANES]; L in 0 .. 2*nmax-1, 0 for all-zero lanes).
     """
-    nl = xt.shape[1]
-    amax = st[0]
-    mx = st[1]
-    slx = st[2]
-    sl2 = st[3]
-    best = st[4]
-    bisc = st[5]
-    isc = st[6]
-    nm = F32(nmax)
-    lo = F32(-nmax)
-    hi = F32(nmax - 1)
-    for s in range(nl):
-        amax[s] = _Z
-        mx[s] = _Z
-    for i in range(n):
-        for s in range(nl):
-            v = xt[i, s]
-            a = abs(v)
-            c = a > amax[s]
-            amax[s] = a if c else amax[s]
-            mx[s] = v if c else mx[s]
-    for s in range(nl):
-        isc[s] = -nm / mx[s]
-        slx[s] = _Z
-        sl2[s] = _Z
-    for i in range(n):
-        for s in range(nl):
-            v = xt[i, s]
-            w = wt[i, s]
-            q = _rnd(isc[s] * v)
-            q = q if q > lo else lo
-            q = q if q < hi else hi
-            slx[s] += (w * v) * q
-            sl2[s] += (w * q) * q
-    for s in range(nl):
-        sc = slx[s] / sl2[s] if sl2[s] != _Z else _Z
-        scales[s] = sc
-        best[s] = sc * slx[s]
-        bisc[s] = isc[s]
-    for k in range(-9, 10):
-        if k == 0:
-            continue
-        c = -(nm + F32(0.1) * F32(k))
-        for s in range(nl):
-            isc[s] = c / mx[s]
-            slx[s] = _Z
-            sl2[s] = _Z
-        for i in range(n):
-            for s in range(nl):
-                v = xt[i, s]
-                w = wt[i, s]
-                q = _rnd(isc[s] * v)
+    X = 0
+    W = N * _NL
+    WX = 2 * N * _NL
+    ST = 3 * N * _NL
+    AM = ST
+    MX = ST + _NL
+    SLX = ST + 2 * _NL
+    SL2 = ST + 3 * _NL
+    BEST = ST + 4 * _NL
+    BISC = ST + 5 * _NL
+    ISC = ST + 6 * _NL
+
+    @njit(**_JIT)
+    def qx(buf, nmax, scales, Lq):
+        nm = F32(nmax)
+        lo = F32(-nmax)
+        hi = F32(nmax - 1)
+        for s in range(_NL):
+            buf[AM + s] = _Z
+            buf[MX + s] = _Z
+        for i in range(N):
+            for s in range(_NL):
+                v = buf[X + i * _NL + s]
+                a = abs(v)
+                c = a > buf[AM + s]
+                buf[AM + s] = a if c else buf[AM + s]
+                buf[MX + s] = v if c else buf[MX + s]
+                buf[WX + i * _NL + s] = buf[W + i * _NL + s] * v
+        for s in range(_NL):
+            buf[ISC + s] = -nm / buf[MX + s]
+            buf[SLX + s] = _Z
+            buf[SL2 + s] = _Z
+        for i in range(N):
+            for s in range(_NL):
+                w = buf[W + i * _NL + s]
+                q = _rnd(buf[ISC + s] * buf[X + i * _NL + s])
                 q = q if q > lo else lo
                 q = q if q < hi else hi
-                slx[s] += (w * v) * q
-                sl2[s] += (w * q) * q
-        for s in range(nl):
-            ok = sl2[s] > _Z and slx[s] * slx[s] > best[s] * sl2[s]
-            sc = slx[s] / sl2[s]
-            bisc[s] = isc[s] if ok else bisc[s]
-            scales[s] = sc if ok else scales[s]
-            best[s] = sc * slx[s] if ok else best[s]
-    for i in range(n):
-        for s in range(nl):
-            q = _rnd(bisc[s] * xt[i, s])
-            q = q if q > lo else lo
-            q = q if q < hi else hi
-            Lq[i, s] = np.int32(q) + nmax if amax[s] >= _EPS else 0
-    for s in range(nl):
-        if not amax[s] >= _EPS:
-            scales[s] = _Z
+                buf[SLX + s] += buf[WX + i * _NL + s] * q
+                buf[SL2 + s] += (w * q) * q
+        for s in range(_NL):
+            slx = buf[SLX + s]
+            sl2 = buf[SL2 + s]
+            sc = slx / sl2 if sl2 != _Z else _Z
+            scales[s] = sc
+            buf[BEST + s] = sc * slx
+            buf[BISC + s] = buf[ISC + s]
+        for k in range(-9, 10):
+            if k == 0:
+                continue
+            c = -(nm + F32(0.1) * F32(k))
+            for s in range(_NL):
+                buf[ISC + s] = c / buf[MX + s]
+                buf[SLX + s] = _Z
+                buf[SL2 + s] = _Z
+            for i in range(N):
+                for s in range(_NL):
+                    w = buf[W + i * _NL + s]
+                    q = _rnd(buf[ISC + s] * buf[X + i * _NL + s])
+                    q = q if q > lo else lo
+                    q = q if q < hi else hi
+                    buf[SLX + s] += buf[WX + i * _NL + s] * q
+                    buf[SL2 + s] += (w * q) * q
+            for s in range(_NL):
+                slx = buf[SLX + s]
+                sl2 = buf[SL2 + s]
+                ok = sl2 > _Z and slx * slx > buf[BEST + s] * sl2
+                sc = slx / sl2
+                buf[BISC + s] = buf[ISC + s] if ok else buf[BISC + s]
+                scales[s] = sc if ok else scales[s]
+                buf[BEST + s] = sc * slx if ok else buf[BEST + s]
+        for i in range(N):
+            for s in range(_NL):
+                q = _rnd(buf[BISC + s] * buf[X + i * _NL + s])
+                q = q if q > lo else lo
+                q = q if q < hi else hi
+                Lq[i * _NL + s] = np.int32(q) + nmax if buf[AM + s] >= _EPS else 0
+        for s in range(_NL):
+            if not buf[AM + s] >= _EPS:
+                scales[s] = _Z
+
+    return qx
+
+
+_qx16 = _make_qx(16)
+_qx32 = _make_qx(32)
+_Q6SIZE = 3 * 16 * _NL + 8 * _NL
+_Q32SIZE = 3 * 32 * _NL + 8 * _NL
 
 
 # --------------------------------------------------------------------------- make_qkx2/3_quants
@@ -307,139 +327,141 @@ def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, L, Laux):
 
 
 @njit(**_JIT)
-def _qkx_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, the_min, Lq, lt, st, tmp):
+def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
     """``make_qkx2_quants``/``make_qkx3_quants`` (n=32, weights, no mad) for every lane.
 
-    xt, wt: [32, LANES]; out: scales, the_min [LANES], Lq [32, LANES] int32.
-    lt: float32 [32, LANES] scratch; st: float32 [>= 20, LANES]; tmp: float32 [4, 32].
+    buf: a ``_KSIZE`` tile with x at ``_KX`` and weights at ``_KW``.
+    Out: scales, the_min [LANES], Lq (int32 [32*LANES]).
     """
-    nl = xt.shape[1]
-    n = xt.shape[0]
-    mn = st[0]
-    mx = st[1]
-    sumw = st[2]
-    sumx = st[3]
-    xlo = st[4]
-    best = st[5]
-    accI = st[6]
-    accM = st[7]
-    scl = st[8]
-    isc = st[9]
-    sl = st[10]
-    sl2 = st[11]
-    sxl = st[12]
-    tsc = st[13]
-    tmn = st[14]
-    cur = st[15]
-    dok = st[16]
-    bad = st[17]
     nm = F32(nmax)
-    for s in range(nl):
-        v = xt[0, s]
-        mn[s] = v
-        mx[s] = v
-        w = wt[0, s]
-        sumw[s] = w
-        sumx[s] = w * v
-    for i in range(1, n):
-        for s in range(nl):
-            v = xt[i, s]
-            w = wt[i, s]
-            mn[s] = v if v < mn[s] else mn[s]
-            mx[s] = v if v > mx[s] else mx[s]
-            sumw[s] += w
-            sumx[s] += w * v
-    for s in range(nl):
-        xlo[s] = mn[s]
-        m = mn[s] if not mn[s] > _Z else _Z
-        mn[s] = m
-        ic = nm / (mx[s] - m)
-        isc[s] = ic
-        scl[s] = _ONE / ic
-        accI[s] = ic
-        accM[s] = m
-        best[s] = _Z
-        b = ic * (mx[s] - m)
-        bad[s] = _Z if b <= _LIM else _ONE
-    for i in range(n):
-        for s in range(nl):
-            v = xt[i, s]
-            q = _rnd(isc[s] * (v - mn[s]))
+    for s in range(_NL):
+        v = buf[_KX + s]
+        w = buf[_KW + s]
+        buf[_MN + s] = v
+        buf[_MX + s] = v
+        buf[_SW + s] = w
+        buf[_SX + s] = w * v
+    for i in range(1, 32):
+        for s in range(_NL):
+            v = buf[_KX + i * _NL + s]
+            w = buf[_KW + i * _NL + s]
+            buf[_MN + s] = v if v < buf[_MN + s] else buf[_MN + s]
+            buf[_MX + s] = v if v > buf[_MX + s] else buf[_MX + s]
+            buf[_SW + s] += w
+            buf[_SX + s] += w * v
+    for s in range(_NL):
+        m = buf[_MN + s]
+        buf[_XLO + s] = m
+        m = m if not m > _Z else _Z
+        buf[_MN + s] = m
+        ic = nm / (buf[_MX + s] - m)
+        buf[_ISC + s] = ic
+        buf[_SCL + s] = _ONE / ic
+        buf[_ACCI + s] = ic
+        buf[_ACCM + s] = m
+        buf[_BEST + s] = _Z
+        b = ic * (buf[_MX + s] - m)
+        buf[_BAD + s] = _Z if b <= _LIM else _ONE
+    for i in range(32):
+        for s in range(_NL):
+            v = buf[_KX + i * _NL + s]
+            mn = buf[_MN + s]
+            q = _rnd(buf[_ISC + s] * (v - mn))
             q = q if q > _Z else _Z
             q = q if q < nm else nm
-            diff = scl[s] * q + mn[s] - v
-            best[s] += wt[i, s] * (diff * diff)
+            diff = buf[_SCL + s] * q + mn - v
+            buf[_BEST + s] += buf[_KW + i * _NL + s] * (diff * diff)
     for k in range(nstep + 1):
         c = rmin + rdelta * F32(k) + nm
-        for s in range(nl):
-            ic = c / (mx[s] - mn[s])
-            isc[s] = ic
-            b1 = ic * (mx[s] - mn[s])
-            b2 = ic * (mn[s] - xlo[s])
-            bad[s] = bad[s] if (abs(b1) <= _LIM and abs(b2) <= _LIM) else _ONE
-            sl[s] = _Z
-            sl2[s] = _Z
-            sxl[s] = _Z
-        for i in range(n):
-            for s in range(nl):
-                v = xt[i, s]
-                q = _rnd(isc[s] * (v - mn[s]))
+        for s in range(_NL):
+            mn = buf[_MN + s]
+            ic = c / (buf[_MX + s] - mn)
+            buf[_ISC + s] = ic
+            b1 = ic * (buf[_MX + s] - mn)
+            b2 = ic * (mn - buf[_XLO + s])
+            buf[_BAD + s] = buf[_BAD + s] if (abs(b1) <= _LIM and abs(b2) <= _LIM) else _ONE
+            buf[_SL + s] = _Z
+            buf[_SL2 + s] = _Z
+            buf[_SXL + s] = _Z
+        for i in range(32):
+            for s in range(_NL):
+                v = buf[_KX + i * _NL + s]
+                q = _rnd(buf[_ISC + s] * (v - buf[_MN + s]))
                 q = q if q > _Z else _Z
                 q = q if q < nm else nm
-                lt[i, s] = q
-                wl = wt[i, s] * q
-                sl[s] += wl
-                sl2[s] += wl * q
-                sxl[s] += wl * v
-        for s in range(nl):
-            D = sumw[s] * sl2[s] - sl[s] * sl[s]
-            ts = (sumw[s] * sxl[s] - sumx[s] * sl[s]) / D
-            tm = (sl2[s] * sumx[s] - sl[s] * sxl[s]) / D
+                buf[_KLT + i * _NL + s] = q
+                wl = buf[_KW + i * _NL + s] * q
+                buf[_SL + s] += wl
+                buf[_SL2 + s] += wl * q
+                buf[_SXL + s] += wl * v
+        for s in range(_NL):
+            sw = buf[_SW + s]
+            sx = buf[_SX + s]
+            sl = buf[_SL + s]
+            sl2 = buf[_SL2 + s]
+            sxl = buf[_SXL + s]
+            D = sw * sl2 - sl * sl
+            ts = (sw * sxl - sx * sl) / D
+            tm = (sl2 * sx - sl * sxl) / D
             pos = tm > _Z
-            tsc[s] = sxl[s] / sl2[s] if pos else ts
-            tmn[s] = _Z if pos else tm
-            dok[s] = _ONE if D > _Z else _Z
-            cur[s] = _Z
-        for i in range(n):
-            for s in range(nl):
-                diff = tsc[s] * lt[i, s] + tmn[s] - xt[i, s]
-                cur[s] += wt[i, s] * (diff * diff)
-        for s in range(nl):
-            ok = dok[s] != _Z and cur[s] < best[s]
-            best[s] = cur[s] if ok else best[s]
-            scl[s] = tsc[s] if ok else scl[s]
-            accI[s] = isc[s] if ok else accI[s]
-            accM[s] = mn[s] if ok else accM[s]
-            mn[s] = tmn[s] if ok else mn[s]
-    for i in range(n):
-        for s in range(nl):
-            q = _rnd(accI[s] * (xt[i, s] - accM[s]))
+            buf[_TSC + s] = sxl / sl2 if pos else ts
+            buf[_TMN + s] = _Z if pos else tm
+            buf[_DOK + s] = _ONE if D > _Z else _Z
+            buf[_CUR + s] = _Z
+        for i in range(32):
+            for s in range(_NL):
+                diff = buf[_TSC + s] * buf[_KLT + i * _NL + s] + buf[_TMN + s] - buf[_KX + i * _NL + s]
+                buf[_CUR + s] += buf[_KW + i * _NL + s] * (diff * diff)
+        for s in range(_NL):
+            ok = buf[_DOK + s] != _Z and buf[_CUR + s] < buf[_BEST + s]
+            buf[_BEST + s] = buf[_CUR + s] if ok else buf[_BEST + s]
+            buf[_SCL + s] = buf[_TSC + s] if ok else buf[_SCL + s]
+            buf[_ACCI + s] = buf[_ISC + s] if ok else buf[_ACCI + s]
+            buf[_ACCM + s] = buf[_MN + s] if ok else buf[_ACCM + s]
+            buf[_MN + s] = buf[_TMN + s] if ok else buf[_MN + s]
+    for i in range(32):
+        for s in range(_NL):
+            q = _rnd(buf[_ACCI + s] * (buf[_KX + i * _NL + s] - buf[_ACCM + s]))
             q = q if q > _Z else _Z
             q = q if q < nm else nm
-            Lq[i, s] = np.int32(q)
-    for s in range(nl):
-        m0 = xlo[s] if not xlo[s] > _Z else _Z
-        if mx[s] == m0:  # degenerate: all L = 0
+            Lq[i * _NL + s] = np.int32(q)
+    for s in range(_NL):
+        xlo = buf[_XLO + s]
+        m0 = xlo if not xlo > _Z else _Z
+        if buf[_MX + s] == m0:  # degenerate: all L = 0
             scales[s] = _Z
             the_min[s] = -m0
-            for i in range(n):
-                Lq[i, s] = 0
-        elif bad[s] != _Z:  # values may leave the exact range: scalar exact port
-            xv = tmp[0]
-            wv = tmp[1]
-            for i in range(n):
-                xv[i] = xt[i, s]
-                wv[i] = wt[i, s]
-            Li = np.empty(n, np.int64)
-            La = np.empty(n, np.int64)
-            sc, tm = _qkx_one(xv, wv, n, nmax, rmin, rdelta, nstep, Li, La)
+            for i in range(32):
+                Lq[i * _NL + s] = 0
+        elif buf[_BAD + s] != _Z:  # values may leave the exact range: scalar exact port
+            xv = np.empty(32, F32)
+            wv = np.empty(32, F32)
+            for i in range(32):
+                xv[i] = buf[_KX + i * _NL + s]
+                wv[i] = buf[_KW + i * _NL + s]
+            Li = np.empty(32, np.int64)
+            La = np.empty(32, np.int64)
+            sc, tm = _qkx_one(xv, wv, 32, nmax, rmin, rdelta, nstep, Li, La)
             scales[s] = sc
             the_min[s] = tm
-            for i in range(n):
-                Lq[i, s] = Li[i]
+            for i in range(32):
+                Lq[i * _NL + s] = Li[i]
         else:
-            scales[s] = scl[s]
-            the_min[s] = -mn[s]
+            scales[s] = buf[_SCL + s]
+            the_min[s] = -buf[_MN + s]
+
+
+@njit(**_JIT)
+def _load(x, base, nvalid, bs, buf, off):
+    """buf[off + i*LANES + s] = x[base + s*bs + i] for lanes s < nvalid; zeros elsewhere."""
+    for s in range(_NL):
+        if s < nvalid:
+            o = base + s * bs
+            for i in range(bs):
+                buf[off + i * _NL + s] = x[o + i]
+        else:
+            for i in range(bs):
+                buf[off + i * _NL + s] = _Z
 
 
 # --------------------------------------------------------------------------- make_qp_quants
@@ -516,8 +538,7 @@ def _kq45(x, n, qw, use_qw, five, out):
     use_qw: the ``_impl`` path with quant weights ``qw`` indexed by column (mod n).
     """
     nsb = x.size // QK_K
-    nl = LANES
-    SB = nl // 8
+    SB = _NL // 8
     ts = 176 if five else 144
     nmax = 31 if five else 15
     if use_qw:
@@ -526,25 +547,21 @@ def _kq45(x, n, qw, use_qw, five, out):
         rmin, rdelta, nstep = F32(-0.5), F32(0.1), 15
     else:
         rmin, rdelta, nstep = F32(-1.0), F32(0.1), 20
-    xt = np.empty((32, nl), F32)
-    wt = np.empty((32, nl), F32)
-    lt = np.empty((32, nl), F32)
-    Lq = np.empty((32, nl), np.int32)
-    st = np.empty((20, nl), F32)
-    tmp = np.empty((4, 32), F32)
-    scales = np.empty(nl, F32)
-    mins = np.empty(nl, F32)
-    sw = np.empty(nl, F32)
-    lane = np.empty(nl, F32)
-    dl = np.empty(nl, F32)
-    dml = np.empty(nl, F32)
+    buf = np.empty(_KSIZE, F32)
+    Lq = np.empty(32 * _NL, np.int32)
+    scales = np.empty(_NL, F32)
+    mins = np.empty(_NL, F32)
+    sw = np.empty(_NL, F32)
+    lane = np.empty(_NL, F32)
+    dl = np.empty(_NL, F32)
+    dml = np.empty(_NL, F32)
     sig = np.empty(SB, F32)
     sc12 = np.zeros(12, np.int64)
     Ls = np.empty(8, np.int64)
     Lm = np.empty(8, np.int64)
     for t0 in range(0, nsb, SB):
         nb = min(SB, nsb - t0)
-        _load(x, t0 * QK_K, nb * 8, 32, xt)
+        _load(x, t0 * QK_K, nb * 8, 32, buf, _KX)
         if use_qw:
             for b in range(SB):
                 sig[b] = _Z
@@ -552,30 +569,31 @@ def _kq45(x, n, qw, use_qw, five, out):
                 for b in range(nb):
                     v = x[(t0 + b) * QK_K + e]
                     sig[b] += v * v
-            for s in range(nl):
+            for s in range(_NL):
                 lane[s] = (F32(2.0) * sig[s // 8]) / F32(256.0)  # sigma2
-            for s in range(nl):
-                sw[s] = _Z
-            for s in range(nl):
+            for s in range(_NL):
                 col = ((t0 * 8 + s) * 32) % n
                 for i in range(32):
-                    v = xt[i, s]
-                    wt[i, s] = qw[col + i] * np.sqrt(lane[s] + v * v)
+                    v = buf[_KX + i * _NL + s]
+                    buf[_KW + i * _NL + s] = qw[col + i] * np.sqrt(lane[s] + v * v)
+            for s in range(_NL):
+                sw[s] = _Z
             for i in range(32):
-                for s in range(nl):
-                    sw[s] += wt[i, s]
+                for s in range(_NL):
+                    sw[s] += buf[_KW + i * _NL + s]
         else:
-            for s in range(nl):
+            for s in range(_NL):
                 lane[s] = _Z
             for i in range(32):
-                for s in range(nl):
-                    lane[s] += xt[i, s] * xt[i, s]
-            for s in range(nl):
+                for s in range(_NL):
+                    v = buf[_KX + i * _NL + s]
+                    lane[s] += v * v
+            for s in range(_NL):
                 lane[s] = np.sqrt(lane[s] / F32(32.0))
             for i in range(32):
-                for s in range(nl):
-                    wt[i, s] = lane[s] + abs(xt[i, s])
-        _qkx_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, mins, Lq, lt, st, tmp)
+                for s in range(_NL):
+                    buf[_KW + i * _NL + s] = lane[s] + abs(buf[_KX + i * _NL + s])
+        _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, mins, Lq)
         for b in range(nb):
             o = (t0 + b) * ts
             s0 = b * 8
@@ -630,15 +648,15 @@ def _kq45(x, n, qw, use_qw, five, out):
                     m = (sc12[j + 4] >> 4) | ((sc12[j] >> 6) << 4)
                 dl[s0 + j] = dv * F32(sc)
                 dml[s0 + j] = mv * F32(m)
-        for s in range(nb * 8, nl):
+        for s in range(nb * 8, _NL):
             dl[s] = _Z
             dml[s] = _Z
         for i in range(32):
-            for s in range(nl):
+            for s in range(_NL):
                 d = dl[s]
-                q = _nint((xt[i, s] + dml[s]) / d)
+                q = _nint((buf[_KX + i * _NL + s] + dml[s]) / d)
                 q = max(0, min(nmax, q))
-                Lq[i, s] = np.int32(q) if d != _Z else Lq[i, s]
+                Lq[i * _NL + s] = np.int32(q) if d != _Z else Lq[i * _NL + s]
         for b in range(nb):
             o = (t0 + b) * ts
             s0 = b * 8
@@ -646,8 +664,8 @@ def _kq45(x, n, qw, use_qw, five, out):
                 for l in range(32):
                     h = 0
                     for c in range(4):
-                        a0 = Lq[l, s0 + 2 * c]
-                        a1 = Lq[l, s0 + 2 * c + 1]
+                        a0 = Lq[l * _NL + s0 + 2 * c]
+                        a1 = Lq[l * _NL + s0 + 2 * c + 1]
                         h |= ((a0 >> 4) & 1) << (2 * c)
                         h |= ((a1 >> 4) & 1) << (2 * c + 1)
                         out[o + 48 + 32 * c + l] = (a0 & 0xF) | ((a1 & 0xF) << 4)
@@ -655,7 +673,7 @@ def _kq45(x, n, qw, use_qw, five, out):
             else:
                 for c in range(4):
                     for l in range(32):
-                        out[o + 16 + 32 * c + l] = (Lq[l, s0 + 2 * c] | (Lq[l, s0 + 2 * c + 1] << 4)) & 0xFF
+                        out[o + 16 + 32 * c + l] = (Lq[l * _NL + s0 + 2 * c] | (Lq[l * _NL + s0 + 2 * c + 1] << 4)) & 0xFF
 
 
 # --------------------------------------------------------------------------- Q6_K
@@ -665,28 +683,27 @@ def _kq45(x, n, qw, use_qw, five, out):
 def _kq6(x, n, qw, use_qw, out):
     """Q6_K (``_ref``, or ``_impl`` with quant weights ``qw`` used directly as weights)."""
     nsb = x.size // QK_K
-    nl = LANES
-    SB = nl // 16
-    xt = np.empty((16, nl), F32)
-    wt = np.empty((16, nl), F32)
-    Lq = np.empty((16, nl), np.int32)
-    st = np.empty((8, nl), F32)
-    scales = np.empty(nl, F32)
-    dl = np.empty(nl, F32)
+    SB = _NL // 16
+    W = 16 * _NL
+    buf = np.empty(_Q6SIZE, F32)
+    Lq = np.empty(16 * _NL, np.int32)
+    scales = np.empty(_NL, F32)
+    dl = np.empty(_NL, F32)
     for t0 in range(0, nsb, SB):
         nb = min(SB, nsb - t0)
-        _load(x, t0 * QK_K, nb * 16, 16, xt)
+        _load(x, t0 * QK_K, nb * 16, 16, buf, 0)
         if use_qw:
-            for s in range(nl):
+            for s in range(_NL):
                 col = ((t0 * 16 + s) * 16) % n
                 for i in range(16):
-                    wt[i, s] = qw[col + i]
+                    buf[W + i * _NL + s] = qw[col + i]
         else:
             for i in range(16):
-                for s in range(nl):
-                    wt[i, s] = xt[i, s] * xt[i, s]
-        _qx_lanes(xt, wt, 16, 32, scales, Lq, st)
-        for s in range(nl):
+                for s in range(_NL):
+                    v = buf[i * _NL + s]
+                    buf[W + i * _NL + s] = v * v
+        _qx16(buf, 32, scales, Lq)
+        for s in range(_NL):
             dl[s] = _Z
         for b in range(nb):
             o = (t0 + b) * 210
@@ -698,12 +715,9 @@ def _kq6(x, n, qw, use_qw, out):
                 if a > max_abs:
                     max_abs = a
                     max_scale = scales[s0 + j]
-            if max_abs < _EPS:
+            if max_abs < _EPS:  # 210 zero bytes (L of all-zero lanes is 0)
                 for j in range(210):
                     out[o + j] = 0
-                for j in range(16):
-                    for i in range(16):
-                        Lq[i, s0 + j] = 0
                 continue
             iscale = F32(-128.0) / max_scale
             dh = _f16(_ONE / iscale)
@@ -714,21 +728,21 @@ def _kq6(x, n, qw, use_qw, out):
                 out[o + 192 + j] = q & 0xFF
                 dl[s0 + j] = dv * F32(q)
         for i in range(16):
-            for s in range(nl):
+            for s in range(_NL):
                 d = dl[s]
-                q = _nint(xt[i, s] / d)
+                q = _nint(buf[i * _NL + s] / d)
                 q = max(-32, min(31, q)) + 32
-                Lq[i, s] = np.int32(q) if d != _Z else Lq[i, s]
+                Lq[i * _NL + s] = np.int32(q) if d != _Z else Lq[i * _NL + s]
         for b in range(nb):
             o = (t0 + b) * 210
             s0 = b * 16
             for h in range(2):
                 for l in range(32):
                     e0 = 128 * h + l
-                    a0 = Lq[e0 % 16, s0 + e0 // 16]
-                    a1 = Lq[(e0 + 32) % 16, s0 + (e0 + 32) // 16]
-                    a2 = Lq[(e0 + 64) % 16, s0 + (e0 + 64) // 16]
-                    a3 = Lq[(e0 + 96) % 16, s0 + (e0 + 96) // 16]
+                    a0 = Lq[(e0 % 16) * _NL + s0 + e0 // 16]
+                    a1 = Lq[((e0 + 32) % 16) * _NL + s0 + (e0 + 32) // 16]
+                    a2 = Lq[((e0 + 64) % 16) * _NL + s0 + (e0 + 64) // 16]
+                    a3 = Lq[((e0 + 96) % 16) * _NL + s0 + (e0 + 96) // 16]
                     out[o + 64 * h + l] = ((a0 & 0xF) | ((a2 & 0xF) << 4)) & 0xFF
                     out[o + 64 * h + 32 + l] = ((a1 & 0xF) | ((a3 & 0xF) << 4)) & 0xFF
                     out[o + 128 + 32 * h + l] = ((a0 >> 4) | ((a1 >> 4) << 2) | ((a2 >> 4) << 4) | ((a3 >> 4) << 6)) & 0xFF
@@ -741,19 +755,18 @@ def _kq6(x, n, qw, use_qw, out):
 def _kq8_0(x, n, qw, use_qw, out):
     """Q8_0 (``quantize_row_q8_0_ref``; imatrix ignored as in ggml)."""
     nblk = x.size // 32
-    nl = LANES
-    xt = np.empty((32, nl), F32)
-    qt = np.empty((32, nl), np.int32)
-    am = np.empty(nl, F32)
-    idv = np.empty(nl, F32)
-    for b0 in range(0, nblk, nl):
-        m = min(nl, nblk - b0)
-        _load(x, b0 * 32, m, 32, xt)
-        for s in range(nl):
+    buf = np.empty(32 * _NL, F32)
+    qt = np.empty(32 * _NL, np.int32)
+    am = np.empty(_NL, F32)
+    idv = np.empty(_NL, F32)
+    for b0 in range(0, nblk, _NL):
+        m = min(_NL, nblk - b0)
+        _load(x, b0 * 32, m, 32, buf, 0)
+        for s in range(_NL):
             am[s] = _Z
         for i in range(32):
-            for s in range(nl):
-                a = abs(xt[i, s])
+            for s in range(_NL):
+                a = abs(buf[i * _NL + s])
                 c = am[s]
                 am[s] = c if c > a else a
         for s in range(m):
@@ -761,19 +774,19 @@ def _kq8_0(x, n, qw, use_qw, out):
             idv[s] = _ONE / d if d != _Z else _Z
             _put16(out, (b0 + s) * 34, _f16(d))
         for i in range(32):
-            for s in range(nl):
-                v = xt[i, s] * idv[s]
+            for s in range(_NL):
+                v = buf[i * _NL + s] * idv[s]
                 a = abs(v)
                 t = np.trunc(a)
-                r = t + _ONE if a - t >= _HALF else t
+                r = t + _ONE if a - t >= _HALF else t  # roundf: half away from zero
                 ok = r < _TWO31
                 qi = np.int32(r) if ok else np.int32(0)
                 qi = -qi if v < _Z else qi
-                qt[i, s] = qi if ok else np.int32(_I32_MIN)
+                qt[i * _NL + s] = qi if ok else np.int32(_I32_MIN)
         for s in range(m):
             o = (b0 + s) * 34 + 2
             for i in range(32):
-                out[o + i] = qt[i, s] & 0xFF
+                out[o + i] = qt[i * _NL + s] & 0xFF
 
 
 # --------------------------------------------------------------------------- Q4_0 / Q5_0 / Q5_1
@@ -792,25 +805,25 @@ def _row_sigma2(x, n, sig):
 
 
 @njit(**_JIT)
-def _legacy_weights(xt, qw, n, b0, sig, wt):
-    nl = xt.shape[1]
-    for s in range(nl):
+def _legacy_weights(buf, qw, n, b0, sig):
+    """weights (at ``_KW``) = qw * sqrt(sigma2_row + x*x) for 32-value lanes at ``_KX``."""
+    for s in range(_NL):
         e = (b0 + s) * 32
         r = min(e // n, sig.size - 1)
         col = e % n
         sg = sig[r]
         for i in range(32):
-            v = xt[i, s]
-            wt[i, s] = qw[col + i] * np.sqrt(sg + v * v)
+            v = buf[_KX + i * _NL + s]
+            buf[_KW + i * _NL + s] = qw[col + i] * np.sqrt(sg + v * v)
 
 
 @njit(**_JIT)
-def _pack5(out, o, L, s):
-    """qh (u32 at o) and qs (16 bytes at o+4) of a 5-bit block from L[:, s] (uint8 values)."""
+def _pack5(out, o, Lq, s):
+    """qh (u32 at o) and qs (16 bytes at o+4) of a 5-bit block from lane s of Lq."""
     qh = 0
     for j in range(16):
-        a0 = L[j, s] & 0xFF
-        a1 = L[j + 16, s] & 0xFF
+        a0 = Lq[j * _NL + s] & 0xFF
+        a1 = Lq[(j + 16) * _NL + s] & 0xFF
         out[o + 4 + j] = (a0 & 0x0F) | ((a1 & 0x0F) << 4)
         qh |= ((a0 & 0x10) >> 4) << j
         qh |= ((a1 & 0x10) >> 4) << (j + 16)
@@ -824,37 +837,34 @@ def _pack5(out, o, L, s):
 def _kq4_0_5_0(x, n, qw, use_qw, five, out):
     """Q4_0 (five=False) / Q5_0 (five=True): ``_ref``, or ``_impl`` with quant weights."""
     nblk = x.size // 32
-    nl = LANES
     ts = 22 if five else 18
-    xt = np.empty((32, nl), F32)
-    wt = np.empty((32, nl), F32)
-    Lq = np.empty((32, nl), np.int32)
-    st = np.empty((8, nl), F32)
-    scales = np.empty(nl, F32)
-    am = np.empty(nl, F32)
-    mx = np.empty(nl, F32)
-    idv = np.empty(nl, F32)
+    buf = np.empty(_Q32SIZE, F32)
+    Lq = np.empty(32 * _NL, np.int32)
+    scales = np.empty(_NL, F32)
+    am = np.empty(_NL, F32)
+    mx = np.empty(_NL, F32)
+    idv = np.empty(_NL, F32)
     sig = np.empty(max(1, x.size // n), F32)
     if use_qw:
         _row_sigma2(x, n, sig)
     dneg = F32(-16.0) if five else F32(-8.0)
     off = F32(16.5) if five else F32(8.5)
     qmax = 31 if five else 15
-    for b0 in range(0, nblk, nl):
-        m = min(nl, nblk - b0)
-        _load(x, b0 * 32, m, 32, xt)
+    for b0 in range(0, nblk, _NL):
+        m = min(_NL, nblk - b0)
+        _load(x, b0 * 32, m, 32, buf, 0)
         if use_qw:
-            _legacy_weights(xt, qw, n, b0, sig, wt)
-            _qx_lanes(xt, wt, 32, 16 if five else 8, scales, Lq, st)
+            _legacy_weights(buf, qw, n, b0, sig)
+            _qx32(buf, 16 if five else 8, scales, Lq)
             for s in range(m):
                 _put16(out, (b0 + s) * ts, _f16(scales[s]))
         else:
-            for s in range(nl):
+            for s in range(_NL):
                 am[s] = _Z
                 mx[s] = _Z
             for i in range(32):
-                for s in range(nl):
-                    v = xt[i, s]
+                for s in range(_NL):
+                    v = buf[i * _NL + s]
                     a = abs(v)
                     c = am[s] < a
                     am[s] = a if c else am[s]
@@ -864,58 +874,53 @@ def _kq4_0_5_0(x, n, qw, use_qw, five, out):
                 idv[s] = _ONE / d if d != _Z else _Z
                 _put16(out, (b0 + s) * ts, _f16(d))
             for i in range(32):
-                for s in range(nl):
-                    v = xt[i, s] * idv[s] + off
+                for s in range(_NL):
+                    v = buf[i * _NL + s] * idv[s] + off
                     ok = v >= F32(-2147483648.0) and v < _TWO31
                     c = np.int32(v) if ok else np.int32(_I32_MIN)
                     q = _s8(c)
                     q = q if q < qmax else qmax
-                    Lq[i, s] = q & 0xFF
+                    Lq[i * _NL + s] = q & 0xFF
         for s in range(m):
             o = (b0 + s) * ts + 2
             if five:
                 _pack5(out, o, Lq, s)
             else:
                 for j in range(16):
-                    out[o + j] = (Lq[j, s] | (Lq[j + 16, s] << 4)) & 0xFF
+                    out[o + j] = (Lq[j * _NL + s] | (Lq[(j + 16) * _NL + s] << 4)) & 0xFF
 
 
 @njit(**_JIT)
 def _kq5_1(x, n, qw, use_qw, out):
     """Q5_1: ``_ref``, or ``_impl`` (make_qkx3_quants with row-sigma2 weights)."""
     nblk = x.size // 32
-    nl = LANES
-    xt = np.empty((32, nl), F32)
-    wt = np.empty((32, nl), F32)
-    lt = np.empty((32, nl), F32)
-    Lq = np.empty((32, nl), np.int32)
-    st = np.empty((20, nl), F32)
-    tmp = np.empty((4, 32), F32)
-    scales = np.empty(nl, F32)
-    mins = np.empty(nl, F32)
-    mn = np.empty(nl, F32)
-    mx = np.empty(nl, F32)
-    idv = np.empty(nl, F32)
+    buf = np.empty(_KSIZE, F32)
+    Lq = np.empty(32 * _NL, np.int32)
+    scales = np.empty(_NL, F32)
+    mins = np.empty(_NL, F32)
+    mn = np.empty(_NL, F32)
+    mx = np.empty(_NL, F32)
+    idv = np.empty(_NL, F32)
     sig = np.empty(max(1, x.size // n), F32)
     if use_qw:
         _row_sigma2(x, n, sig)
-    for b0 in range(0, nblk, nl):
-        m = min(nl, nblk - b0)
-        _load(x, b0 * 32, m, 32, xt)
+    for b0 in range(0, nblk, _NL):
+        m = min(_NL, nblk - b0)
+        _load(x, b0 * 32, m, 32, buf, _KX)
         if use_qw:
-            _legacy_weights(xt, qw, n, b0, sig, wt)
-            _qkx_lanes(xt, wt, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq, lt, st, tmp)
+            _legacy_weights(buf, qw, n, b0, sig)
+            _qkx_lanes(buf, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
             for s in range(m):
                 o = (b0 + s) * 24
                 _put16(out, o, _f16(scales[s]))
                 _put16(out, o + 2, _f16(-mins[s]))
         else:
-            for s in range(nl):
+            for s in range(_NL):
                 mn[s] = _FLT_MAX
                 mx[s] = -_FLT_MAX
             for i in range(32):
-                for s in range(nl):
-                    v = xt[i, s]
+                for s in range(_NL):
+                    v = buf[_KX + i * _NL + s]
                     mn[s] = v if v < mn[s] else mn[s]
                     mx[s] = v if v > mx[s] else mx[s]
             for s in range(m):
@@ -925,11 +930,11 @@ def _kq5_1(x, n, qw, use_qw, out):
                 _put16(out, o, _f16(d))
                 _put16(out, o + 2, _f16(mn[s]))
             for i in range(32):
-                for s in range(nl):
-                    v = (xt[i, s] - mn[s]) * idv[s] + _HALF
+                for s in range(_NL):
+                    v = (buf[_KX + i * _NL + s] - mn[s]) * idv[s] + _HALF
                     ok = v >= F32(-2147483648.0) and v < _TWO31
                     c = np.int32(v) if ok else np.int32(_I32_MIN)
-                    Lq[i, s] = c & 0xFF
+                    Lq[i * _NL + s] = c & 0xFF
         for s in range(m):
             _pack5(out, (b0 + s) * 24 + 4, Lq, s)
 
@@ -1012,7 +1017,7 @@ def quantize_rows(name: str, x: np.ndarray, qw: np.ndarray | None, threads: int 
         flat_x, flat_o = x, out
         unit, uelems = n, n
     else:  # blocks are independent: split anywhere on a block boundary
-        unit = QK_K if bs == QK_K else 32 * LANES
+        unit = QK_K if bs == QK_K else 32 * _NL
         if (nrows * n) % unit:
             unit = bs
         flat_x = x.reshape(-1, unit)
