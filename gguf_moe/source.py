@@ -112,7 +112,7 @@ class RawTensor:
 
     @property
     def where(self) -> str:
-        return f"{self.shard.path.name}: tensor {self.name!r}"
+        return f"{self.shard.path}: tensor {self.name!r}"
 
 
 def read_safetensors_header(path: Path) -> dict[str, RawTensor]:
