@@ -142,11 +142,12 @@ def _first_absmax(x: torch.Tensor):
     return amax, torch.where(amax > 0, mx, 0.0)
 
 
-def _first_min(x: torch.Tensor) -> torch.Tensor:
-    """min over dim 0 with C's strict ``<`` update: the first of equal minima (sign of zero)."""
-    mn = x.amin(0)
+def _first_ext(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """min (or max) over dim 0 as C's strict ``<`` (``>``) update loop finds it: the first of
+    equal extremes, which decides the sign of a zero result."""
+    m = x.amax(0) if largest else x.amin(0)
     idx = torch.arange(x.shape[0], device=x.device, dtype=_I32).view(-1, *([1] * (x.dim() - 1)))
-    first = torch.where(x == mn, idx, x.shape[0]).amin(0, keepdim=True)
+    first = torch.where(x == m, idx, x.shape[0]).amin(0, keepdim=True)
     return torch.gather(x, 0, first.long())[0]
 
 
@@ -174,7 +175,11 @@ def _bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
 
 def _make_qx_quants(k: _Ctx, x: torch.Tensor, nmax: int, w: torch.Tensor | None):
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w)``; w=None means x*x.
-    Returns (scale [G], L [n, G] float in 0..2*nmax-1)."""
+    Returns (scale [G], L [n, G] float in 0..2*nmax-1).
+
+    In the search |iscale*x| <= nmax+1 for every group with amax >= eps (the others are
+    masked at the end), so ``torch.round`` equals ``nearest_int`` there; L is rebuilt once
+    from the chosen iscale with the exact emulation."""
     n = x.shape[0]
     amax, mx = _first_absmax(x)
     small = amax < _EPS
@@ -183,39 +188,48 @@ def _make_qx_quants(k: _Ctx, x: torch.Tensor, nmax: int, w: torch.Tensor | None)
     wx = w * x
     lo, hi = float(-nmax), float(nmax - 1)
     T = torch.empty((n, 2) + x.shape[1:], dtype=_F32, device=x.device)
+    lv = torch.empty_like(x)
 
     def sums(iscale):
-        lv = torch.clamp(_nint(iscale * x), lo, hi)
+        torch.mul(x, iscale, out=lv)
+        torch.round(lv, out=lv).clamp_(lo, hi)
         torch.mul(wx, lv, out=T[:, 0])  # (w*x)*l
-        torch.mul(w, lv, out=T[:, 1])
-        T[:, 1].mul_(lv)  # (w*l)*l
+        torch.mul(w, lv, out=T[:, 1]).mul_(lv)  # (w*l)*l
         s = _seqsum(T)
-        return lv, s[0], s[1]
+        return s[0], s[1]
 
-    lbest, sumlx, suml2 = sums(k.div(float(-nmax), mx))
+    sel = k.div(float(-nmax), mx)
+    sumlx, suml2 = sums(sel)
     scale = torch.where(suml2 != 0, k.div(sumlx, suml2), 0.0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         c = -(np.float32(nmax) + np.float32(0.1) * np.float32(step))
-        lv, sumlx, suml2 = sums(k.div(c, mx))
+        iscale = k.div(c, mx)
+        sumlx, suml2 = sums(iscale)
         upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        lbest = torch.where(upd, lv, lbest)
+        sel = torch.where(upd, iscale, sel)
         scale = torch.where(upd, k.div(sumlx, suml2), scale)
         best = torch.where(upd, scale * sumlx, best)
+    L = torch.clamp(_nint(x * sel), lo, hi).add_(float(nmax))
     scale = torch.where(small, 0.0, scale)
-    L = torch.where(small, 0.0, lbest + float(nmax))
+    L = torch.where(small, 0.0, L)
     return scale, L
 
 
 def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
     """``make_qkx2_quants`` (strict_eq: degenerate when max == min) or ``make_qkx3_quants``
     (max <= min) with weights w, use_mad false.  Returns (scale, min, L): ggml's
-    ``the_min`` is ``-min``; ``min`` keeps the sign of zero that ggml carries."""
+    ``the_min`` is ``-min``; ``min`` keeps the sign of zero that ggml carries.
+
+    Each step uses ``torch.round`` for ``nearest_int`` when a per-group bound shows
+    |iscale*(x-min)| < 2**21 for all groups (the usual case), else the exact emulation;
+    L is rebuilt once at the end from the accepted (iscale, min) with the exact one."""
     n = x.shape[0]
-    mn = _first_min(x)
-    mx = x.amax(0)
+    mn = _first_ext(x, False)
+    mx = _first_ext(x, True)
+    xlo = mn
     wx = w * x
     sum_w = w[0].clone()
     sum_x = wx[0].clone()
@@ -225,18 +239,30 @@ def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
     mn = torch.where(mn > 0, 0.0, mn)
     degen = (mx == mn) if strict_eq else (mx <= mn)
     fmax = float(nmax)
+    buf = torch.empty_like(x)
+    laux = torch.empty_like(x)
 
-    iscale = k.div(fmax, mx - mn)
-    scale = k.div(1.0, iscale)
-    L = torch.clamp(_nint(iscale * (x - mn)), 0.0, fmax)
-    diff = scale * L + mn - x
-    best = _seqsum(w * (diff * diff))
+    def quants(iscale, out):
+        torch.sub(x, mn, out=buf).mul_(iscale)  # iscale*(x - min)
+        bound = torch.maximum(torch.abs(mx - mn), torch.abs(xlo - mn)) * torch.abs(iscale)
+        if bool(((bound < 2097152.0) | degen).all()):
+            torch.round(buf, out=out)
+        else:
+            out.copy_(_nint(buf))
+        return out.clamp_(0.0, fmax)
+
+    sel_is = k.div(fmax, mx - mn)
+    sel_mn = mn
+    scale = k.div(1.0, sel_is)
+    L = quants(sel_is, torch.empty_like(x))
+    torch.mul(L, scale, out=buf).add_(mn).sub_(x)  # scale*L + min - x
+    best = _seqsum(buf.mul_(buf).mul_(w))  # w*(diff*diff)
 
     T = torch.empty((n, 3) + x.shape[1:], dtype=_F32, device=x.device)
     for step in range(nstep + 1):
         c = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)
         iscale = k.div(c, mx - mn)
-        laux = torch.clamp(_nint(iscale * (x - mn)), 0.0, fmax)
+        quants(iscale, laux)
         wl = torch.mul(w, laux, out=T[:, 0])
         torch.mul(wl, laux, out=T[:, 1])
         torch.mul(wl, x, out=T[:, 2])
@@ -248,13 +274,16 @@ def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
         mpos = this_min > 0
         this_min = torch.where(mpos, 0.0, this_min)
         this_scale = torch.where(mpos, k.div(sum_xl, sum_l2), this_scale)
-        diff = this_scale * laux + this_min - x
-        cur = _seqsum(w * (diff * diff))
+        torch.mul(laux, this_scale, out=buf).add_(this_min).sub_(x)  # this_scale*Laux + this_min - x
+        cur = _seqsum(buf.mul_(buf).mul_(w))
         acc = (D > 0) & (cur < best)
-        L = torch.where(acc, laux, L)
+        sel_is = torch.where(acc, iscale, sel_is)
+        sel_mn = torch.where(acc, mn, sel_mn)
         best = torch.where(acc, cur, best)
         scale = torch.where(acc, this_scale, scale)
         mn = torch.where(acc, this_min, mn)
+    torch.sub(x, sel_mn, out=buf).mul_(sel_is)
+    L = _nint(buf).clamp_(0.0, fmax)
     scale = torch.where(degen, 0.0, scale)
     L = torch.where(degen, 0.0, L)
     return scale, mn, L
@@ -391,8 +420,8 @@ def _pack_32(db, mb, q, bits, rows):
 def _q5_1_ref(k, xr):
     xb = xr.reshape(-1, 32)
     xt = xb.t()
-    mn = _first_min(xt)
-    mx = xt.amax(0)
+    mn = _first_ext(xt, False)
+    mx = _first_ext(xt, True)
     d = k.div(mx - mn, 31.0)
     idn = torch.where(d != 0, k.div(1.0, d), 0.0)
     v = (xb - mn[:, None]) * idn[:, None] + 0.5
