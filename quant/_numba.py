@@ -40,12 +40,14 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without numba
     raise ImportError(f"the numba quantization backend needs numba: {e}") from e
 
-__all__ = ["quantize_rows", "NAMES", "LANES"]
+__all__ = ["quantize_rows", "NAMES", "LANES", "LANES_K"]
 
 F32 = np.float32
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
 
-#: Sub-blocks processed together (SIMD lanes of the inner loops).
+#: Sub-blocks processed together (SIMD lanes of the inner loops): make_qkx tiles
+#: (Q4_K, Q5_K, Q5_1) and the other tiles (Q6_K, Q8_0, Q4_0, Q5_0).
+LANES_K = 64
 LANES = 128
 QK_K = 256
 
@@ -147,15 +149,16 @@ def _put16(out, o, h):
 # a constant offset, proves the rows independent and vectorizes without runtime checks.
 
 _NL = LANES
+_NK = LANES_K
 # make_qkx2/3_quants tiles (32 values per lane): x, weights, candidate L, per-lane state
 _KX = 0
-_KW = 32 * _NL
-_KLT = 64 * _NL
-_KST = 96 * _NL
+_KW = 32 * _NK
+_KLT = 64 * _NK
+_KST = 96 * _NK
 (_MN, _MX, _SW, _SX, _XLO, _BEST, _ACCI, _ACCM, _SCL, _ISC, _SL, _SL2, _SXL, _TSC, _TMN, _CUR, _DOK, _BAD) = (
-    _KST + k * _NL for k in range(18)
+    _KST + k * _NK for k in range(18)
 )
-_KSIZE = _KST + 18 * _NL
+_KSIZE = _KST + 18 * _NK
 
 
 # --------------------------------------------------------------------------- make_qx_quants (rmse_type 1)
@@ -334,7 +337,7 @@ def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
     Out: scales, the_min [LANES], Lq (int32 [32*LANES]).
     """
     nm = F32(nmax)
-    for s in range(_NL):
+    for s in range(_NK):
         v = buf[_KX + s]
         w = buf[_KW + s]
         buf[_MN + s] = v
@@ -342,14 +345,14 @@ def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
         buf[_SW + s] = w
         buf[_SX + s] = w * v
     for i in range(1, 32):
-        for s in range(_NL):
-            v = buf[_KX + i * _NL + s]
-            w = buf[_KW + i * _NL + s]
+        for s in range(_NK):
+            v = buf[_KX + i * _NK + s]
+            w = buf[_KW + i * _NK + s]
             buf[_MN + s] = v if v < buf[_MN + s] else buf[_MN + s]
             buf[_MX + s] = v if v > buf[_MX + s] else buf[_MX + s]
             buf[_SW + s] += w
             buf[_SX + s] += w * v
-    for s in range(_NL):
+    for s in range(_NK):
         m = buf[_MN + s]
         buf[_XLO + s] = m
         m = m if not m > _Z else _Z
@@ -363,17 +366,17 @@ def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
         b = ic * (buf[_MX + s] - m)
         buf[_BAD + s] = _Z if b <= _LIM else _ONE
     for i in range(32):
-        for s in range(_NL):
-            v = buf[_KX + i * _NL + s]
+        for s in range(_NK):
+            v = buf[_KX + i * _NK + s]
             mn = buf[_MN + s]
             q = _rnd(buf[_ISC + s] * (v - mn))
             q = q if q > _Z else _Z
             q = q if q < nm else nm
             diff = buf[_SCL + s] * q + mn - v
-            buf[_BEST + s] += buf[_KW + i * _NL + s] * (diff * diff)
+            buf[_BEST + s] += buf[_KW + i * _NK + s] * (diff * diff)
     for k in range(nstep + 1):
         c = rmin + rdelta * F32(k) + nm
-        for s in range(_NL):
+        for s in range(_NK):
             mn = buf[_MN + s]
             ic = c / (buf[_MX + s] - mn)
             buf[_ISC + s] = ic
@@ -384,17 +387,17 @@ def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
             buf[_SL2 + s] = _Z
             buf[_SXL + s] = _Z
         for i in range(32):
-            for s in range(_NL):
-                v = buf[_KX + i * _NL + s]
+            for s in range(_NK):
+                v = buf[_KX + i * _NK + s]
                 q = _rnd(buf[_ISC + s] * (v - buf[_MN + s]))
                 q = q if q > _Z else _Z
                 q = q if q < nm else nm
-                buf[_KLT + i * _NL + s] = q
-                wl = buf[_KW + i * _NL + s] * q
+                buf[_KLT + i * _NK + s] = q
+                wl = buf[_KW + i * _NK + s] * q
                 buf[_SL + s] += wl
                 buf[_SL2 + s] += wl * q
                 buf[_SXL + s] += wl * v
-        for s in range(_NL):
+        for s in range(_NK):
             sw = buf[_SW + s]
             sx = buf[_SX + s]
             sl = buf[_SL + s]
@@ -409,10 +412,10 @@ def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
             buf[_DOK + s] = _ONE if D > _Z else _Z
             buf[_CUR + s] = _Z
         for i in range(32):
-            for s in range(_NL):
-                diff = buf[_TSC + s] * buf[_KLT + i * _NL + s] + buf[_TMN + s] - buf[_KX + i * _NL + s]
-                buf[_CUR + s] += buf[_KW + i * _NL + s] * (diff * diff)
-        for s in range(_NL):
+            for s in range(_NK):
+                diff = buf[_TSC + s] * buf[_KLT + i * _NK + s] + buf[_TMN + s] - buf[_KX + i * _NK + s]
+                buf[_CUR + s] += buf[_KW + i * _NK + s] * (diff * diff)
+        for s in range(_NK):
             ok = buf[_DOK + s] != _Z and buf[_CUR + s] < buf[_BEST + s]
             buf[_BEST + s] = buf[_CUR + s] if ok else buf[_BEST + s]
             buf[_SCL + s] = buf[_TSC + s] if ok else buf[_SCL + s]
@@ -420,48 +423,48 @@ def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
             buf[_ACCM + s] = buf[_MN + s] if ok else buf[_ACCM + s]
             buf[_MN + s] = buf[_TMN + s] if ok else buf[_MN + s]
     for i in range(32):
-        for s in range(_NL):
-            q = _rnd(buf[_ACCI + s] * (buf[_KX + i * _NL + s] - buf[_ACCM + s]))
+        for s in range(_NK):
+            q = _rnd(buf[_ACCI + s] * (buf[_KX + i * _NK + s] - buf[_ACCM + s]))
             q = q if q > _Z else _Z
             q = q if q < nm else nm
-            Lq[i * _NL + s] = np.int32(q)
-    for s in range(_NL):
+            Lq[i * _NK + s] = np.int32(q)
+    for s in range(_NK):
         xlo = buf[_XLO + s]
         m0 = xlo if not xlo > _Z else _Z
         if buf[_MX + s] == m0:  # degenerate: all L = 0
             scales[s] = _Z
             the_min[s] = -m0
             for i in range(32):
-                Lq[i * _NL + s] = 0
+                Lq[i * _NK + s] = 0
         elif buf[_BAD + s] != _Z:  # values may leave the exact range: scalar exact port
             xv = np.empty(32, F32)
             wv = np.empty(32, F32)
             for i in range(32):
-                xv[i] = buf[_KX + i * _NL + s]
-                wv[i] = buf[_KW + i * _NL + s]
+                xv[i] = buf[_KX + i * _NK + s]
+                wv[i] = buf[_KW + i * _NK + s]
             Li = np.empty(32, np.int64)
             La = np.empty(32, np.int64)
             sc, tm = _qkx_one(xv, wv, 32, nmax, rmin, rdelta, nstep, Li, La)
             scales[s] = sc
             the_min[s] = tm
             for i in range(32):
-                Lq[i * _NL + s] = Li[i]
+                Lq[i * _NK + s] = Li[i]
         else:
             scales[s] = buf[_SCL + s]
             the_min[s] = -buf[_MN + s]
 
 
 @njit(**_JIT)
-def _load(x, base, nvalid, bs, buf, off):
-    """buf[off + i*LANES + s] = x[base + s*bs + i] for lanes s < nvalid; zeros elsewhere."""
-    for s in range(_NL):
+def _load(x, base, nvalid, bs, buf, off, nl):
+    """buf[off + i*nl + s] = x[base + s*bs + i] for lanes s < nvalid; zeros elsewhere."""
+    for s in range(nl):
         if s < nvalid:
             o = base + s * bs
             for i in range(bs):
-                buf[off + i * _NL + s] = x[o + i]
+                buf[off + i * nl + s] = x[o + i]
         else:
             for i in range(bs):
-                buf[off + i * _NL + s] = _Z
+                buf[off + i * nl + s] = _Z
 
 
 # --------------------------------------------------------------------------- make_qp_quants
@@ -538,7 +541,7 @@ def _kq45(x, n, qw, use_qw, five, out):
     use_qw: the ``_impl`` path with quant weights ``qw`` indexed by column (mod n).
     """
     nsb = x.size // QK_K
-    SB = _NL // 8
+    SB = _NK // 8
     ts = 176 if five else 144
     nmax = 31 if five else 15
     if use_qw:
@@ -548,20 +551,20 @@ def _kq45(x, n, qw, use_qw, five, out):
     else:
         rmin, rdelta, nstep = F32(-1.0), F32(0.1), 20
     buf = np.empty(_KSIZE, F32)
-    Lq = np.empty(32 * _NL, np.int32)
-    scales = np.empty(_NL, F32)
-    mins = np.empty(_NL, F32)
-    sw = np.empty(_NL, F32)
-    lane = np.empty(_NL, F32)
-    dl = np.empty(_NL, F32)
-    dml = np.empty(_NL, F32)
+    Lq = np.empty(32 * _NK, np.int32)
+    scales = np.empty(_NK, F32)
+    mins = np.empty(_NK, F32)
+    sw = np.empty(_NK, F32)
+    lane = np.empty(_NK, F32)
+    dl = np.empty(_NK, F32)
+    dml = np.empty(_NK, F32)
     sig = np.empty(SB, F32)
     sc12 = np.zeros(12, np.int64)
     Ls = np.empty(8, np.int64)
     Lm = np.empty(8, np.int64)
     for t0 in range(0, nsb, SB):
         nb = min(SB, nsb - t0)
-        _load(x, t0 * QK_K, nb * 8, 32, buf, _KX)
+        _load(x, t0 * QK_K, nb * 8, 32, buf, _KX, _NK)
         if use_qw:
             for b in range(SB):
                 sig[b] = _Z
@@ -569,30 +572,30 @@ def _kq45(x, n, qw, use_qw, five, out):
                 for b in range(nb):
                     v = x[(t0 + b) * QK_K + e]
                     sig[b] += v * v
-            for s in range(_NL):
+            for s in range(_NK):
                 lane[s] = (F32(2.0) * sig[s // 8]) / F32(256.0)  # sigma2
-            for s in range(_NL):
+            for s in range(_NK):
                 col = ((t0 * 8 + s) * 32) % n
                 for i in range(32):
-                    v = buf[_KX + i * _NL + s]
-                    buf[_KW + i * _NL + s] = qw[col + i] * np.sqrt(lane[s] + v * v)
-            for s in range(_NL):
+                    v = buf[_KX + i * _NK + s]
+                    buf[_KW + i * _NK + s] = qw[col + i] * np.sqrt(lane[s] + v * v)
+            for s in range(_NK):
                 sw[s] = _Z
             for i in range(32):
-                for s in range(_NL):
-                    sw[s] += buf[_KW + i * _NL + s]
+                for s in range(_NK):
+                    sw[s] += buf[_KW + i * _NK + s]
         else:
-            for s in range(_NL):
+            for s in range(_NK):
                 lane[s] = _Z
             for i in range(32):
-                for s in range(_NL):
-                    v = buf[_KX + i * _NL + s]
+                for s in range(_NK):
+                    v = buf[_KX + i * _NK + s]
                     lane[s] += v * v
-            for s in range(_NL):
+            for s in range(_NK):
                 lane[s] = np.sqrt(lane[s] / F32(32.0))
             for i in range(32):
-                for s in range(_NL):
-                    buf[_KW + i * _NL + s] = lane[s] + abs(buf[_KX + i * _NL + s])
+                for s in range(_NK):
+                    buf[_KW + i * _NK + s] = lane[s] + abs(buf[_KX + i * _NK + s])
         _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, mins, Lq)
         for b in range(nb):
             o = (t0 + b) * ts
@@ -648,15 +651,15 @@ def _kq45(x, n, qw, use_qw, five, out):
                     m = (sc12[j + 4] >> 4) | ((sc12[j] >> 6) << 4)
                 dl[s0 + j] = dv * F32(sc)
                 dml[s0 + j] = mv * F32(m)
-        for s in range(nb * 8, _NL):
+        for s in range(nb * 8, _NK):
             dl[s] = _Z
             dml[s] = _Z
         for i in range(32):
-            for s in range(_NL):
+            for s in range(_NK):
                 d = dl[s]
-                q = _nint((buf[_KX + i * _NL + s] + dml[s]) / d)
+                q = _nint((buf[_KX + i * _NK + s] + dml[s]) / d)
                 q = max(0, min(nmax, q))
-                Lq[i * _NL + s] = np.int32(q) if d != _Z else Lq[i * _NL + s]
+                Lq[i * _NK + s] = np.int32(q) if d != _Z else Lq[i * _NK + s]
         for b in range(nb):
             o = (t0 + b) * ts
             s0 = b * 8
@@ -664,8 +667,8 @@ def _kq45(x, n, qw, use_qw, five, out):
                 for l in range(32):
                     h = 0
                     for c in range(4):
-                        a0 = Lq[l * _NL + s0 + 2 * c]
-                        a1 = Lq[l * _NL + s0 + 2 * c + 1]
+                        a0 = Lq[l * _NK + s0 + 2 * c]
+                        a1 = Lq[l * _NK + s0 + 2 * c + 1]
                         h |= ((a0 >> 4) & 1) << (2 * c)
                         h |= ((a1 >> 4) & 1) << (2 * c + 1)
                         out[o + 48 + 32 * c + l] = (a0 & 0xF) | ((a1 & 0xF) << 4)
@@ -673,7 +676,7 @@ def _kq45(x, n, qw, use_qw, five, out):
             else:
                 for c in range(4):
                     for l in range(32):
-                        out[o + 16 + 32 * c + l] = (Lq[l * _NL + s0 + 2 * c] | (Lq[l * _NL + s0 + 2 * c + 1] << 4)) & 0xFF
+                        out[o + 16 + 32 * c + l] = (Lq[l * _NK + s0 + 2 * c] | (Lq[l * _NK + s0 + 2 * c + 1] << 4)) & 0xFF
 
 
 # --------------------------------------------------------------------------- Q6_K
@@ -691,7 +694,7 @@ def _kq6(x, n, qw, use_qw, out):
     dl = np.empty(_NL, F32)
     for t0 in range(0, nsb, SB):
         nb = min(SB, nsb - t0)
-        _load(x, t0 * QK_K, nb * 16, 16, buf, 0)
+        _load(x, t0 * QK_K, nb * 16, 16, buf, 0, _NL)
         if use_qw:
             for s in range(_NL):
                 col = ((t0 * 16 + s) * 16) % n
@@ -761,7 +764,7 @@ def _kq8_0(x, n, qw, use_qw, out):
     idv = np.empty(_NL, F32)
     for b0 in range(0, nblk, _NL):
         m = min(_NL, nblk - b0)
-        _load(x, b0 * 32, m, 32, buf, 0)
+        _load(x, b0 * 32, m, 32, buf, 0, _NL)
         for s in range(_NL):
             am[s] = _Z
         for i in range(32):
@@ -805,25 +808,25 @@ def _row_sigma2(x, n, sig):
 
 
 @njit(**_JIT)
-def _legacy_weights(buf, qw, n, b0, sig):
-    """weights (at ``_KW``) = qw * sqrt(sigma2_row + x*x) for 32-value lanes at ``_KX``."""
-    for s in range(_NL):
+def _legacy_weights(buf, qw, n, b0, sig, nl):
+    """weights (at 32*nl) = qw * sqrt(sigma2_row + x*x) for 32-value lanes (x at 0)."""
+    for s in range(nl):
         e = (b0 + s) * 32
         r = min(e // n, sig.size - 1)
         col = e % n
         sg = sig[r]
         for i in range(32):
-            v = buf[_KX + i * _NL + s]
-            buf[_KW + i * _NL + s] = qw[col + i] * np.sqrt(sg + v * v)
+            v = buf[i * nl + s]
+            buf[32 * nl + i * nl + s] = qw[col + i] * np.sqrt(sg + v * v)
 
 
 @njit(**_JIT)
-def _pack5(out, o, Lq, s):
+def _pack5(out, o, Lq, s, nl):
     """qh (u32 at o) and qs (16 bytes at o+4) of a 5-bit block from lane s of Lq."""
     qh = 0
     for j in range(16):
-        a0 = Lq[j * _NL + s] & 0xFF
-        a1 = Lq[(j + 16) * _NL + s] & 0xFF
+        a0 = Lq[j * nl + s] & 0xFF
+        a1 = Lq[(j + 16) * nl + s] & 0xFF
         out[o + 4 + j] = (a0 & 0x0F) | ((a1 & 0x0F) << 4)
         qh |= ((a0 & 0x10) >> 4) << j
         qh |= ((a1 & 0x10) >> 4) << (j + 16)
@@ -852,9 +855,9 @@ def _kq4_0_5_0(x, n, qw, use_qw, five, out):
     qmax = 31 if five else 15
     for b0 in range(0, nblk, _NL):
         m = min(_NL, nblk - b0)
-        _load(x, b0 * 32, m, 32, buf, 0)
+        _load(x, b0 * 32, m, 32, buf, 0, _NL)
         if use_qw:
-            _legacy_weights(buf, qw, n, b0, sig)
+            _legacy_weights(buf, qw, n, b0, sig, _NL)
             _qx32(buf, 16 if five else 8, scales, Lq)
             for s in range(m):
                 _put16(out, (b0 + s) * ts, _f16(scales[s]))
@@ -884,7 +887,7 @@ def _kq4_0_5_0(x, n, qw, use_qw, five, out):
         for s in range(m):
             o = (b0 + s) * ts + 2
             if five:
-                _pack5(out, o, Lq, s)
+                _pack5(out, o, Lq, s, _NL)
             else:
                 for j in range(16):
                     out[o + j] = (Lq[j * _NL + s] | (Lq[(j + 16) * _NL + s] << 4)) & 0xFF
@@ -895,32 +898,32 @@ def _kq5_1(x, n, qw, use_qw, out):
     """Q5_1: ``_ref``, or ``_impl`` (make_qkx3_quants with row-sigma2 weights)."""
     nblk = x.size // 32
     buf = np.empty(_KSIZE, F32)
-    Lq = np.empty(32 * _NL, np.int32)
-    scales = np.empty(_NL, F32)
-    mins = np.empty(_NL, F32)
-    mn = np.empty(_NL, F32)
-    mx = np.empty(_NL, F32)
-    idv = np.empty(_NL, F32)
+    Lq = np.empty(32 * _NK, np.int32)
+    scales = np.empty(_NK, F32)
+    mins = np.empty(_NK, F32)
+    mn = np.empty(_NK, F32)
+    mx = np.empty(_NK, F32)
+    idv = np.empty(_NK, F32)
     sig = np.empty(max(1, x.size // n), F32)
     if use_qw:
         _row_sigma2(x, n, sig)
-    for b0 in range(0, nblk, _NL):
-        m = min(_NL, nblk - b0)
-        _load(x, b0 * 32, m, 32, buf, _KX)
+    for b0 in range(0, nblk, _NK):
+        m = min(_NK, nblk - b0)
+        _load(x, b0 * 32, m, 32, buf, _KX, _NK)
         if use_qw:
-            _legacy_weights(buf, qw, n, b0, sig)
+            _legacy_weights(buf, qw, n, b0, sig, _NK)
             _qkx_lanes(buf, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
             for s in range(m):
                 o = (b0 + s) * 24
                 _put16(out, o, _f16(scales[s]))
                 _put16(out, o + 2, _f16(-mins[s]))
         else:
-            for s in range(_NL):
+            for s in range(_NK):
                 mn[s] = _FLT_MAX
                 mx[s] = -_FLT_MAX
             for i in range(32):
-                for s in range(_NL):
-                    v = buf[_KX + i * _NL + s]
+                for s in range(_NK):
+                    v = buf[_KX + i * _NK + s]
                     mn[s] = v if v < mn[s] else mn[s]
                     mx[s] = v if v > mx[s] else mx[s]
             for s in range(m):
@@ -930,13 +933,13 @@ def _kq5_1(x, n, qw, use_qw, out):
                 _put16(out, o, _f16(d))
                 _put16(out, o + 2, _f16(mn[s]))
             for i in range(32):
-                for s in range(_NL):
-                    v = (buf[_KX + i * _NL + s] - mn[s]) * idv[s] + _HALF
+                for s in range(_NK):
+                    v = (buf[_KX + i * _NK + s] - mn[s]) * idv[s] + _HALF
                     ok = v >= F32(-2147483648.0) and v < _TWO31
                     c = np.int32(v) if ok else np.int32(_I32_MIN)
-                    Lq[i * _NL + s] = c & 0xFF
+                    Lq[i * _NK + s] = c & 0xFF
         for s in range(m):
-            _pack5(out, (b0 + s) * 24 + 4, Lq, s)
+            _pack5(out, (b0 + s) * 24 + 4, Lq, s, _NK)
 
 
 # --------------------------------------------------------------------------- dispatch
