@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Benchmark: gguf-moe convert vs llama.cpp's convert_hf_to_gguf.py (time and peak memory).
+
+Generates synthetic bf16 4-expert merges (legacy mergekit layout, which llama.cpp's
+converter reads) of about 0.5B and 1B parameters in a temporary directory, then runs each
+conversion as a subprocess and measures its wall time and peak RSS (``os.wait4``):
+
+* llama.cpp ``convert_hf_to_gguf.py --outtype bf16`` and ``--outtype q8_0``;
+* ``gguf-moe convert -t BF16``, ``-t Q8_0``, and ``-t BF16 -t Q8_0 -t Q4_K_M`` in one pass.
+
+It also checks that gguf-moe's BF16 and Q8_0 tensors are byte-identical to llama.cpp's
+(tensor by tensor; the two tools write tensors in different orders).  Generated models and
+outputs are deleted at the end (``--keep`` keeps them).
+
+    .venv/bin/python scripts/bench_convert.py                # both sizes (needs ~15 GB disk)
+    .venv/bin/python scripts/bench_convert.py --sizes 0.5B   # smaller run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+LLAMA_CONVERT = ROOT / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+# hidden 1024, FFN 2816 (11 x 256, so K-quants apply), 8 heads of 128 with 2 KV heads,
+# 4 experts: 37.2M parameters per layer.
+DIMS = dict(layout="legacy", hidden=1024, ff=2816, n_head=8, n_kv_head=2, n_expert=4, top_k=2,
+            duplicate_expert=True, dtype="bfloat16", shards=4)
+SIZES = {"tiny": 1, "0.5B": 13, "1B": 26}  # tiny: a quick check of this script
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes).  Raises on failure."""
+    with open(log, "wb") as f:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{tail}")
+    return wall, ru.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+
+def generate(dst: Path, n_layer: int, log: Path) -> tuple[float, int]:
+    code = (
+        "import sys, json; from gguf_moe.synth import make_model; "
+        "make_model(sys.argv[1], **json.loads(sys.argv[2]))"
+    )
+    import json
+
+    return run([PY, "-c", code, str(dst), json.dumps(dict(DIMS, n_layer=n_layer))], log)
+
+
+def n_params(src: Path) -> int:
+    import json
+    import math
+    import struct
+
+    total = 0
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            hdr = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in hdr.items() if k != "__metadata__")
+    return total
+
+
+def same_tensors(a: Path, b: Path) -> tuple[int, int, list[str]]:
+    """Compare tensors by name: (tensors compared, bytes compared, names that differ)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from gguf_moe.validate import read_header
+
+    ha, hb = read_header(a), read_header(b)
+    ta = {t.name: t for t in ha.tensors}
+    ma = np.memmap(a, dtype=np.uint8, mode="r")
+    mb = np.memmap(b, dtype=np.uint8, mode="r")
+    bad, nbytes = [], 0
+    for t in hb.tensors:
+        u = ta.get(t.name)
+        if u is None or u.type_id != t.type_id or u.ne != t.ne:
+            bad.append(t.name)
+            continue
+        xa = ma[ha.data_offset + u.offset : ha.data_offset + u.offset + u.n_bytes]
+        xb = mb[hb.data_offset + t.offset : hb.data_offset + t.offset + t.n_bytes]
+        if not np.array_equal(xa, xb):
+            bad.append(t.name)
+        nbytes += t.n_bytes
+    if set(ta) != {t.name for t in hb.tensors}:
+        bad.append("<tensor sets differ>")
+    return len(hb.tensors), nbytes, bad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.5B,1B", help=f"comma-separated, from {', '.join(SIZES)}")
+    ap.add_argument("--tmpdir", default=None, help="where to put models and outputs (default: system temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
+    ap.add_argument("--skip-llama", action="store_true", help="only run gguf-moe")
+    args = ap.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    if not args.skip_llama and not LLAMA_CONVERT.is_file():
+        ap.error(f"{LLAMA_CONVERT.relative_to(ROOT)} is missing; run scripts/setup.sh --dev first")
+
+    work = Path(tempfile.mkdtemp(prefix="gguf-moe-bench-", dir=args.tmpdir))
+    rows = []  # (size, params, src_bytes, tool, outputs, wall, rss)
+    checks = []
+    try:
+        for size in sizes:
+            src = work / f"moe4-{size}"
+            wall, rss = generate(src, SIZES[size], work / f"gen-{size}.log")
+            params = n_params(src)
+            src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+            print(f"[{size}] generated {params / 1e9:.2f}B params ({src_bytes / 2**30:.2f} GiB bf16) in {wall:.0f}s",
+                  flush=True)
+            out = work / f"out-{size}"
+            out.mkdir()
+            jobs = []
+            if not args.skip_llama:
+                for t in ("bf16", "q8_0"):
+                    jobs.append(("llama.cpp convert_hf_to_gguf.py", t.upper(),
+                                 [PY, str(LLAMA_CONVERT), str(src), "--outtype", t, "--outfile", str(out / f"llama-{t}.gguf")]))
+            for ts in (["BF16"], ["Q8_0"], ["BF16", "Q8_0", "Q4_K_M"]):
+                d = out / ("gm-" + "-".join(ts))
+                cmd = [PY, "-m", "gguf_moe", "convert", str(src), "--outdir", str(d)]
+                for t in ts:
+                    cmd += ["-t", t]
+                jobs.append(("gguf-moe convert", " + ".join(ts), cmd))
+            for tool, outputs, cmd in jobs:
+                wall, rss = run(cmd, out / f"{tool.split()[0]}-{outputs.replace(' + ', '-')}.log")
+                rows.append((size, params, src_bytes, tool, outputs, wall, rss))
+                print(f"[{size}] {tool:32s} {outputs:22s} {wall:8.1f} s  peak RSS {rss / 2**20:8.0f} MiB", flush=True)
+            if not args.skip_llama:
+                for t, sub in (("bf16", "gm-BF16"), ("q8_0", "gm-Q8_0")):
+                    mine = next((out / sub).glob("*.gguf"))
+                    n, nb, bad = same_tensors(mine, out / f"llama-{t}.gguf")
+                    checks.append((size, t.upper(), n, nb, bad))
+            if not args.keep:
+                shutil.rmtree(out)
+                shutil.rmtree(src)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+    # ------------------------------------------------------------------ table
+    ref = {(r[0], r[4]): r for r in rows if r[3].startswith("llama.cpp")}
+    print()
+    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
+          f"quant backend {os.environ.get('GGUF_MOE_QUANT_BACKEND', 'default')}")
+    hdr = "| model | tool | outputs | wall (s) | peak RSS (MiB) | time vs llama.cpp |"
+    print(hdr)
+    print("|---|---|---|---:|---:|---:|")
+    for size, params, src_bytes, tool, outputs, wall, rss in rows:
+        base = ref.get((size, outputs))
+        if tool.startswith("gguf-moe") and base is not None:
+            ratio = f"{base[5] / wall:.2f}x faster" if wall < base[5] else f"{wall / base[5]:.2f}x slower"
+        elif tool.startswith("gguf-moe") and outputs.count("+") and all((size, o) in ref for o in ("BF16", "Q8_0")):
+            tot = ref[(size, "BF16")][5] + ref[(size, "Q8_0")][5]
+            ratio = f"{tot / wall:.2f}x vs llama.cpp BF16+Q8_0 runs (no Q4_K_M there)"
+        else:
+            ratio = ""
+        model = f"{size} ({params / 1e9:.2f}B, {src_bytes / 2**30:.2f} GiB)"
+        print(f"| {model} | {tool} | {outputs} | {wall:.1f} | {rss / 2**20:.0f} | {ratio} |")
+    if checks:
+        print()
+        for size, t, n, nb, bad in checks:
+            verdict = "identical" if not bad else f"{len(bad)} DIFFER (e.g. {bad[0]})"
+            print(f"{size} {t}: gguf-moe vs llama.cpp converter, {n} tensors / {nb:,} bytes compared: {verdict}")
+    gm: dict[str, list] = {}
+    for r in rows:
+        if r[3].startswith("gguf-moe"):
+            gm.setdefault(r[4], []).append((r[0], r[6]))
+    if len(sizes) > 1:
+        print()
+        for outputs, lst in gm.items():
+            print(f"gguf-moe {outputs}: peak RSS " + " -> ".join(f"{s} {m / 2**20:.0f} MiB" for s, m in lst))
+        for t in ("BF16", "Q8_0"):
+            lst = [(r[0], r[6]) for r in rows if r[3].startswith("llama.cpp") and r[4] == t]
+            if lst:
+                print(f"llama.cpp {t}: peak RSS " + " -> ".join(f"{s} {m / 2**20:.0f} MiB" for s, m in lst))
+
+
+if __name__ == "__main__":
+    main()
