@@ -692,6 +692,7 @@ def _kq6(x, n, qw, use_qw, out):
     Lq = np.empty(16 * _NL, np.int32)
     scales = np.empty(_NL, F32)
     dl = np.empty(_NL, F32)
+    zsb = np.empty(SB, np.bool_)
     for t0 in range(0, nsb, SB):
         nb = min(SB, nsb - t0)
         _load(x, t0 * QK_K, nb * 16, 16, buf, 0, _NL)
@@ -718,7 +719,8 @@ def _kq6(x, n, qw, use_qw, out):
                 if a > max_abs:
                     max_abs = a
                     max_scale = scales[s0 + j]
-            if max_abs < _EPS:  # 210 zero bytes (L of all-zero lanes is 0)
+            zsb[b] = max_abs < _EPS
+            if zsb[b]:  # 210 zero bytes, whatever the search left in L
                 for j in range(210):
                     out[o + j] = 0
                 continue
@@ -737,6 +739,8 @@ def _kq6(x, n, qw, use_qw, out):
                 q = max(-32, min(31, q)) + 32
                 Lq[i * _NL + s] = np.int32(q) if d != _Z else Lq[i * _NL + s]
         for b in range(nb):
+            if zsb[b]:
+                continue
             o = (t0 + b) * 210
             s0 = b * 16
             for h in range(2):
