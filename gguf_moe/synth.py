@@ -602,6 +602,28 @@ def _mergekit_yaml(n_expert: int, duplicate_expert: bool, dtype: str, tokenizer:
     return "\n".join(lines) + "\n"
 
 
+def _model_card(name: str, recipe_yaml: str | None) -> str:
+    """README.md in the style of the LazyMergekit cards most frankenMoEs are published with."""
+    sources: list[str] = []
+    for line in (recipe_yaml or "").splitlines():
+        if line.strip().startswith("- source_model:"):
+            src = line.split(":", 1)[1].strip()
+            if src not in sources:
+                sources.append(src)
+    lines = ["---", "license: apache-2.0", "tags:", "- moe", "- frankenmoe", "- merge", "- mergekit", "- lazymergekit"]
+    lines += [f"- {s}" for s in sources]
+    if sources:
+        lines += ["base_model:"] + [f"- {s}" for s in sources]
+    lines += ["language:", "- en", "---", "", f"# {name}", ""]
+    if sources:
+        lines.append(f"{name} is a Mixture of Experts (MoE) made with the following models using LazyMergekit:")
+        lines += [f"* [{s}](https://huggingface.co/{s})" for s in sources]
+        lines += ["", "## Configuration", "", "```yaml", (recipe_yaml or "").rstrip(), "```", ""]
+    else:
+        lines += [f"{name} is a small dense model for tests.", ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
@@ -626,12 +648,15 @@ def make_model(
     seed: int = 0,
     mergekit_config: bool = True,
     tokenizer_pieces: int | None = None,
+    model_card: bool = False,
 ) -> Path:
     """Write a complete tiny HF model directory to `out_dir` and return its path.
 
     `vocab_size` defaults to the tokenizer's size (trained pieces + added tokens); a larger
     value pads the embedding and output matrices, as merges with extra rows do.
     `tokenizer_pieces` sets the trained vocabulary size (default 1000 for spm, 1200 for bpe).
+    `model_card` adds a README.md with YAML front matter (license, tags, base_model list) as
+    LazyMergekit writes it; converters turn it into general.* keys.
     """
     if layout not in ("fused", "legacy", "dense"):
         raise ValueError(f"layout must be 'fused', 'legacy' or 'dense', not {layout!r}")
@@ -686,8 +711,11 @@ def make_model(
         {"_from_model_config": True, **{k: special[k] for k in ("bos_token_id", "eos_token_id")},
          "transformers_version": cfg["transformers_version"]},
     )
-    if mergekit_config and layout != "dense":
-        (out / "mergekit_moe_config.yml").write_text(
-            _mergekit_yaml(n_expert, duplicate_expert, dtype, tokenizer), encoding="utf-8"
+    recipe = _mergekit_yaml(n_expert, duplicate_expert, dtype, tokenizer) if layout != "dense" else None
+    if mergekit_config and recipe is not None:
+        (out / "mergekit_moe_config.yml").write_text(recipe, encoding="utf-8")
+    if model_card:
+        (out / "README.md").write_text(
+            _model_card(out.name, recipe), encoding="utf-8"
         )
     return out

@@ -24,6 +24,7 @@ Only the sentencepiece and tokenizers libraries are used.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from hashlib import sha256
@@ -146,6 +147,41 @@ def _read_json(path: Path) -> Any:
         raise TokenizerError(f"{path}: cannot be read ({e.strerror})") from e
 
 
+def _file_key(path: Path) -> tuple[str, int, int]:
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror})") from e
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_json_cached(key: tuple[str, int, int]) -> Any:
+    return _read_json(Path(key[0]))
+
+
+def _tokenizer_json(path: Path) -> dict:
+    """Parsed tokenizer.json, shared by the readers below (callers must not modify it)."""
+    data = _tokenizer_json_cached(_file_key(path))
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def _fast_cached(key: tuple[str, int, int]):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(key[0])
+    except Exception as e:  # the library raises plain Exception subclasses
+        raise TokenizerError(f"{key[0]}: the tokenizers library cannot load it ({e})") from e
+
+
+def _load_fast(path: Path):
+    return _fast_cached(_file_key(path))
+
+
 def _looks_special(text: str) -> bool:
     """Added tokens some models fail to mark as special (same rule as llama.cpp's converter)."""
     return (
@@ -215,7 +251,7 @@ class _Specials:
 
     def _from_tokenizer_files(self, src: Path, load_merges: bool) -> None:
         tok_path = src / "tokenizer.json"
-        tok = _read_json(tok_path) if tok_path.is_file() else None
+        tok = _tokenizer_json(tok_path) if tok_path.is_file() else None
         cfg_path = src / "tokenizer_config.json"
         cfg = _read_json(cfg_path) if cfg_path.is_file() else None
         added: list = []
@@ -223,7 +259,10 @@ class _Specials:
             if load_merges:
                 merges = (tok.get("model") or {}).get("merges")
                 if isinstance(merges, list) and merges:
-                    self.merges = [self._merge_str(m, tok_path) for m in merges]
+                    if all(isinstance(m, str) for m in merges):
+                        self.merges = list(merges)
+                    else:
+                        self.merges = [self._merge_str(m, tok_path) for m in merges]
             if norm := tok.get("normalizer"):
                 self._normalizer(norm)
             added = tok.get("added_tokens") or []
@@ -436,15 +475,6 @@ def _sentencepiece_vocab(src: Path, vocab_size: int) -> tuple[list[bytes], list[
 # --------------------------------------------------------------------------------------------
 
 
-def _load_fast(path: Path):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the library raises plain Exception subclasses
-        raise TokenizerError(f"{path}: the tokenizers library cannot load it ({e})") from e
-
-
 def _is_llama_spm_json(tok_json: dict) -> bool:
     model = tok_json.get("model") or {}
     return (
@@ -473,19 +503,41 @@ def _pre_signature(pre: dict | None) -> list:
 
 def detect_pre_tokenizer(src_dir: str | Path) -> tuple[str | None, str]:
     """(llama.cpp pre-tokenizer name or None, chkhsh) for the BPE tokenizer.json in src_dir."""
-    path = Path(src_dir) / "tokenizer.json"
+    src = Path(src_dir)
+    path = src / "tokenizer.json"
     tok = _load_fast(path)
     ids = tok.encode(CHKTXT).ids
     chkhsh = sha256(str(ids).encode()).hexdigest()
     if chkhsh in _PRE_BY_HASH:
         return _PRE_BY_HASH[chkhsh], chkhsh
-    tok_json = _read_json(path)
+    # The hashes were taken with transformers, whose Llama tokenizer classes add BOS according
+    # to tokenizer_config.json's add_bos_token even when tokenizer.json's post-processor does not.
+    for variant in _bos_variants(src, tok, ids):
+        h = sha256(str(variant).encode()).hexdigest()
+        if h in _PRE_BY_HASH:
+            return _PRE_BY_HASH[h], h
+    tok_json = _tokenizer_json(path)
     sig = _pre_signature(tok_json.get("pre_tokenizer"))
     ignore_merges = bool((tok_json.get("model") or {}).get("ignore_merges", False))
     for name, definition, needs_ignore_merges in _PRE_BY_DEFINITION:
         if sig == definition and ignore_merges == needs_ignore_merges and tok_json.get("normalizer") is None:
             return name, chkhsh
     return None, chkhsh
+
+
+def _bos_variants(src: Path, tok, ids: list[int]) -> list[list[int]]:
+    cfg_path = src / "tokenizer_config.json"
+    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    flag = cfg.get("add_bos_token")
+    bos = _token_content(cfg.get("bos_token"))
+    bos_id = tok.token_to_id(bos) if bos else None
+    if not isinstance(flag, bool) or bos_id is None:
+        return []
+    if flag and ids[:1] != [bos_id]:
+        return [[bos_id] + ids]
+    if not flag and ids[:1] == [bos_id]:
+        return [ids[1:]]
+    return []
 
 
 def _added_tokens(tok) -> dict[int, Any]:
@@ -549,7 +601,7 @@ def _llama_json_vocab(src: Path, vocab_size: int) -> tuple[list[str], list[float
     forms them, so llama.cpp's highest-score-first merging follows the merge list."""
     path = src / "tokenizer.json"
     tok = _load_fast(path)
-    tok_json = _read_json(path)
+    tok_json = _tokenizer_json(path)
     model_vocab: dict[str, int] = tok_json["model"]["vocab"]
     merges = [_Specials._merge_str(m, path).split(" ") for m in tok_json["model"].get("merges") or []]
     rank: dict[str, int] = {}
@@ -623,7 +675,7 @@ def add_tokenizer(
         tokens, scores, types = _sentencepiece_vocab(src, vocab_size)
         model, pre, merges = "llama", "default", False
     elif (src / "tokenizer.json").is_file():
-        if _is_llama_spm_json(_read_json(src / "tokenizer.json")):
+        if _is_llama_spm_json(_tokenizer_json(src / "tokenizer.json")):
             tokens, scores, types = _llama_json_vocab(src, vocab_size)
             model, pre, merges = "llama", "default", False
         else:

@@ -6,7 +6,10 @@ relative order. Our file may add only the merge-recipe keys (`moe.*`, `general.b
 documented in docs/metadata.md); the tensor order differs by design (we write llama.cpp's
 loader order, the converter writes source order), which llama.cpp does not care about.
 
-llama.cpp's converter reads only the legacy per-expert layout, so the legacy layout is used.
+llama.cpp's converter reads only the legacy per-expert layout, so the legacy layout is used. The
+second model has an f16 source (converted through float32 to bf16, as llama.cpp does), a
+vocab_size padded beyond the tokenizer, 8 experts and a LazyMergekit README model card (whose
+license, tags, languages and base models become general.* keys).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ EXTRA_KEYS = re.compile(r"^(moe\.|general\.base_model\.)")
 CASES = {
     "Legacy-4x-BF16": dict(layout="legacy", n_expert=4, top_k=2, duplicate_expert=True, dtype="bfloat16", seed=11),
     "Legacy-8x-F16-padded": dict(layout="legacy", n_expert=8, top_k=2, duplicate_expert=True, dtype="float16",
-                                 hidden=256, ff=256, vocab_size=1040, shards=3, seed=12),
+                                 hidden=256, ff=256, vocab_size=1040, shards=3, seed=12,
+                                 model_card=True),
 }
 
 

@@ -368,3 +368,145 @@ def test_pre_tokenizer_table_matches_upstream():
     for h, name in _PRE_BY_HASH.items():
         assert (h, name) in pairs, (h, name)
         assert name in KNOWN_PRE_TOKENIZERS
+
+
+# --------------------------------------------------------------------------------------------
+# real vocabularies: llama.cpp's own tokenizer test models
+# --------------------------------------------------------------------------------------------
+#
+# llama.cpp ships vocab-only GGUFs of real tokenizers (models/ggml-vocab-NAME.gguf) with test
+# texts (.inp) and the ids the original Hugging Face tokenizer gives them (.out). From each we
+# rebuild the tokenizer.json (vocabulary, merges, the model's pre-tokenizer), then check that
+# (1) its check-text hash is the one llama.cpp's converter lists for NAME (so CHKTXT and the
+# hashing are right), (2) our conversion reproduces the tokens, types and merges of the shipped
+# GGUF, and (3) llama.cpp tokenizes the test texts to the reference ids with our file.
+
+SDIST = REPO / ".cache" / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
+VOCAB_DIR = REPO / ".cache" / "llama.cpp" / "models"
+REAL_BPE = ("llama-bpe", "qwen2", "gpt-2")
+
+
+def _read_gguf_kv(path: Path) -> dict:
+    """Header key/values of a GGUF (a small parser: GGUFReader takes ~10 s on 400k strings)."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:4] == b"GGUF"
+    _, _, n_kv = struct.unpack_from("<IQQ", data, 4)
+    off = 24
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def string(off):
+        (n,) = struct.unpack_from("<Q", data, off)
+        return data[off + 8 : off + 8 + n].decode("utf-8"), off + 8 + n
+
+    def value(t, off):
+        if t == 8:
+            return string(off)
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", data, off)
+            off += 12
+            if et == 8:
+                out = []
+                for _ in range(n):
+                    s, off = string(off)
+                    out.append(s)
+                return out, off
+            fmt = scalar[et]
+            return list(struct.unpack_from(f"<{n}{fmt}", data, off)), off + n * struct.calcsize(fmt)
+        fmt = scalar[t]
+        return struct.unpack_from("<" + fmt, data, off)[0], off + struct.calcsize(fmt)
+
+    kv = {}
+    for _ in range(n_kv):
+        key, off = string(off)
+        (t,) = struct.unpack_from("<I", data, off)
+        kv[key], off = value(t, off + 4)
+    return kv
+
+
+@pytest.fixture(scope="module")
+def real_vocab_files(tmp_path_factory) -> Path:
+    names = [f"ggml-vocab-{n}.gguf{ext}" for n in REAL_BPE for ext in ("", ".inp", ".out")]
+    if all((VOCAB_DIR / n).is_file() for n in names):
+        return VOCAB_DIR
+    if not SDIST.is_file():
+        pytest.skip("llama.cpp test vocabularies not available (run scripts/setup.sh --dev)")
+    import tarfile
+
+    out = tmp_path_factory.mktemp("ggml-vocab")
+    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+    with tarfile.open(SDIST) as tar:
+        for n in names:
+            member = tar.getmember(prefix + n)
+            (out / n).write_bytes(tar.extractfile(member).read())
+    return out
+
+
+def _rebuild_hf_tokenizer(kv: dict, name: str, out: Path) -> Path:
+    """tokenizer.json + tokenizer_config.json + config.json equivalent to the shipped vocab."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+    from gguf_moe.tokenizer import _LLAMA3_REGEX, _QWEN2_REGEX
+
+    tokens, types, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"], kv["tokenizer.ggml.merges"]
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == gguf.TokenType.NORMAL}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                               ignore_merges=name == "llama-bpe"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=name == "gpt-2")
+    if name == "gpt-2":
+        tok.pre_tokenizer = byte_level
+    else:
+        regex = _LLAMA3_REGEX if name == "llama-bpe" else _QWEN2_REGEX
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL])
+    bos, eos = kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]
+    if name == "llama-bpe":
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B:1",
+                                          special_tokens=[(tokens[bos], bos)]),
+        ])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    out.mkdir(parents=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": tokens[bos], "eos_token": tokens[eos]}))
+    (out / "config.json").write_text(json.dumps({"vocab_size": len(tokens), "bos_token_id": bos, "eos_token_id": eos}))
+    return out
+
+
+@pytest.mark.parametrize("name", REAL_BPE)
+def test_real_bpe_vocabularies(name, real_vocab_files, tmp_path):
+    from gguf_moe.tokenizer import _PRE_BY_HASH
+
+    shipped = real_vocab_files / f"ggml-vocab-{name}.gguf"
+    kv = _read_gguf_kv(shipped)
+    src = _rebuild_hf_tokenizer(kv, name, tmp_path / name)
+
+    detected, chkhsh = detect_pre_tokenizer(src)
+    assert _PRE_BY_HASH.get(chkhsh) == name == detected  # found by its hash, not by its definition
+
+    path = write_vocab_gguf(src, tmp_path / f"{name}.gguf")
+    ours = _read_gguf_kv(path)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert ours[key] == kv[key], key
+    # ids without a token are [PAD{i}]: UNUSED for the current converter (the shipped qwen2 file,
+    # made by an older one, has USER_DEFINED there)
+    pad = re.compile(r"\[PAD\d+\]")
+    for i, (tok, ty) in enumerate(zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"])):
+        want = gguf.TokenType.UNUSED if pad.fullmatch(tok) else ty
+        assert ours["tokenizer.ggml.token_type"][i] == want, (i, tok)
+
+    texts = (real_vocab_files / f"{shipped.name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    expected = [[int(x) for x in line.split()] for line in
+                (real_vocab_files / f"{shipped.name}.out").read_text(encoding="utf-8").splitlines()]
+    assert len(texts) == len(expected) > 20
+    llm = load_vocab(path)
+    fast = Tokenizer.from_file(str(src / "tokenizer.json"))
+    for text, ids in zip(texts, expected):
+        assert fast.encode(text, add_special_tokens=False).ids == ids, text  # the rebuilt tokenizer is faithful
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids, text
