@@ -256,15 +256,20 @@ def quantize(src, dst, type_, force, threads, backend, quiet):
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path), default="demo-out")
-@click.option("--force", is_flag=True, help="Overwrite files from an earlier run.")
 @click.option("--backend", callback=_backend_callback, help="Quantization backend.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the table.")
-def demo(outdir, force, backend, quiet):
-    """Build a small mergekit-style MoE, convert it to Q4_K_M, Q5_K_M, Q8_0 and BF16 in one
-    pass, validate every file against the source and print a table."""
+def demo(outdir, backend, quiet):
+    """Build a small mergekit-style MoE in OUTDIR (4 experts, top-2, one duplicated; fused
+    layout), convert it to Q4_K_M, Q5_K_M, Q8_0 and BF16 in one pass, validate every file
+    against the source and print a table.  The demo's own files in OUTDIR are rebuilt."""
     from gguf_moe.demo import run_demo
 
-    run_demo(outdir, force=force, backend=backend, quiet=quiet)
+    prog = _progress(quiet, "convert")
+    try:
+        run_demo(outdir, backend=backend, quiet=quiet, progress=prog)
+    finally:
+        if prog is not None:
+            prog.stop()
 
 
 def _add_validate_commands() -> None:

@@ -6,7 +6,7 @@
 one streaming writer per output; ``requantize`` does the same starting from a float GGUF
 (what ``llama-quantize`` does).
 
-Peak memory is a few chunks (``chunk_bytes`` of float32 rows, default 16 MiB) plus their
+Peak memory is a few chunks (``chunk_bytes`` of float32 rows, default 8 MiB) plus their
 encoded copies, independent of model size.
 """
 
@@ -41,7 +41,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
 ]
 
-DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
 _FLOAT = (T.F32, T.F16, T.BF16)
 
 
