@@ -133,8 +133,10 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
 
 def _first_absmax(x: torch.Tensor):
     """Over dim 0: (amax, the signed x at the first index reaching it).  Matches C's
-    ``if (ax > amax) { amax = ax; max = x; }`` from 0 (max stays +0 for all-zero groups)."""
+    ``if (ax > amax) { amax = ax; max = x; }`` from 0 (max stays +0 for all-zero groups;
+    NaN never wins)."""
     ax = torch.abs(x)
+    ax = torch.where(torch.isnan(ax), 0.0, ax)
     amax = ax.amax(0)
     idx = torch.arange(x.shape[0], device=x.device, dtype=_I32).view(-1, *([1] * (x.dim() - 1)))
     first = torch.where(ax == amax, idx, x.shape[0]).amin(0, keepdim=True)
@@ -294,7 +296,9 @@ def _make_qp_quants(k: _Ctx, x, w, nmax):
     Returns (scale [G], L [n, G] float holding the uint8 value 0..255)."""
     n = x.shape[0]
     fmax = float(nmax)
-    mx = torch.clamp(x.amax(0), min=0.0)  # MAX(max, x[i]) from 0; only compared to eps
+    mx = torch.zeros_like(x[0])
+    for i in range(n):  # max = MAX(max, x[i]) = max > x[i] ? max : x[i], NaN included
+        mx = torch.where(mx > x[i], mx, x[i])
     small = mx < _EPS
     iscale = k.div(fmax, mx)
     L0 = torch.remainder(_nint(iscale * x), 256.0)  # stored unclamped in uint8
@@ -472,7 +476,9 @@ def _qk_45(k, xr, qw, nmax):
             scales, mn, L = _make_qkx(k, X, W, 31, -0.5, 0.1, 15, strict_eq=True)
         mins = -mn
         S, M = scales.view(nsb, 8), mins.view(nsb, 8)
-        smax, mmax = S.amax(1), M.amax(1)
+        # C: ``if (scale > max_scale) max_scale = scale`` from 0; NaN never wins
+        smax = torch.where(torch.isnan(S), 0.0, S).amax(1)
+        mmax = torch.where(torch.isnan(M), 0.0, M).amax(1)
         max_scale = torch.where(smax > 0, smax, 0.0)
         max_min = torch.where(mmax > 0, mmax, 0.0)
         inv_s = torch.where(max_scale > 0, k.div(63.0, max_scale), 0.0)
@@ -577,7 +583,9 @@ def quantize_rows(name: str, x: np.ndarray, qw: np.ndarray | None, threads: int 
 
     ``qw``: importance weights ``[n]`` (llama.cpp's ``quant_weights``) or None; Q8_0 ignores
     them.  ``device``: "cpu", "cuda" or "cuda:N" (default: CUDA when available).
-    ``threads``: torch intra-op threads for this call (CPU).
+    ``threads`` (CPU): worker threads over row chunks, each running torch ops
+    single-threaded (default 1).  Most ops here are small, and torch's own OpenMP
+    threads slow down badly on a busy machine, so parallelism is over chunks instead.
     """
     if name not in _KERNELS:
         raise QuantError(f"torch backend: unsupported type {name!r}; supported: {', '.join(_KERNELS)}")
@@ -599,26 +607,42 @@ def quantize_rows(name: str, x: np.ndarray, qw: np.ndarray | None, threads: int 
             raise QuantError(f"{name}: importance weights have shape {qw.shape}, expected ({n},)")
     dev = _resolve_device(device)
     step = max(1, _CHUNK[dev.type] // n)
+    starts = range(0, nrows, step)
 
-    old_threads = torch.get_num_threads()
-    tf32 = None
-    if dev.type == "cuda":  # no matmuls here, but never let TF32 in
-        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    try:
-        if threads and dev.type == "cpu":
-            torch.set_num_threads(int(threads))
+    def run(r0s):
         with torch.inference_mode():
             k = _Ctx(dev)
-            qwt = None if qw is None else torch.from_numpy(qw).to(dev)
-            for r0 in range(0, nrows, step):
-                xr = torch.from_numpy(x[r0 : r0 + step]).to(dev)
-                res = kern(k, xr, qwt)
-                out[r0 : r0 + step] = res.cpu().numpy()
+            qwt = None if qw is None else torch.from_numpy(qw.copy()).to(dev)
+            for r0 in r0s:
+                xc = x[r0 : r0 + step]
+                if not xc.flags.writeable:  # torch warns on read-only arrays; it only reads them
+                    xc = xc.copy()
+                xr = torch.from_numpy(xc).to(dev)
+                out[r0 : r0 + step] = kern(k, xr, qwt).cpu().numpy()
+
+    if dev.type == "cuda":
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False  # no matmuls here, but never TF32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.cuda.device(dev):
+                run(starts)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return out
+
+    nthreads = max(1, min(int(threads or 1), len(starts)))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # worker threads inherit this on first use
+    try:
+        if nthreads == 1:
+            run(starts)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(nthreads) as pool:
+                for f in [pool.submit(run, starts[i::nthreads]) for i in range(nthreads)]:
+                    f.result()
     finally:
-        if threads and dev.type == "cpu":
-            torch.set_num_threads(old_threads)
-        if tf32 is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_num_threads(old)
     return out
