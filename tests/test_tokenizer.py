@@ -384,6 +384,7 @@ def test_pre_tokenizer_table_matches_upstream():
 SDIST = REPO / ".cache" / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
 VOCAB_DIR = REPO / ".cache" / "llama.cpp" / "models"
 REAL_BPE = ("llama-bpe", "qwen2", "gpt-2")
+REAL_ALL = REAL_BPE + ("llama-spm",)
 
 
 def _read_gguf_kv(path: Path) -> dict:
@@ -427,7 +428,7 @@ def _read_gguf_kv(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def real_vocab_files(tmp_path_factory) -> Path:
-    names = [f"ggml-vocab-{n}.gguf{ext}" for n in REAL_BPE for ext in ("", ".inp", ".out")]
+    names = [f"ggml-vocab-{n}.gguf{ext}" for n in REAL_ALL for ext in ("", ".inp", ".out")]
     if all((VOCAB_DIR / n).is_file() for n in names):
         return VOCAB_DIR
     if not SDIST.is_file():
@@ -501,12 +502,54 @@ def test_real_bpe_vocabularies(name, real_vocab_files, tmp_path):
         want = gguf.TokenType.UNUSED if pad.fullmatch(tok) else ty
         assert ours["tokenizer.ggml.token_type"][i] == want, (i, tok)
 
-    texts = (real_vocab_files / f"{shipped.name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    expected = [[int(x) for x in line.split()] for line in
-                (real_vocab_files / f"{shipped.name}.out").read_text(encoding="utf-8").splitlines()]
-    assert len(texts) == len(expected) > 20
+    texts, expected = _test_texts(real_vocab_files, name)
     llm = load_vocab(path)
     fast = Tokenizer.from_file(str(src / "tokenizer.json"))
     for text, ids in zip(texts, expected):
         assert fast.encode(text, add_special_tokens=False).ids == ids, text  # the rebuilt tokenizer is faithful
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids, text
+
+
+def _test_texts(files: Path, name: str) -> tuple[list[str], list[list[int]]]:
+    stem = f"ggml-vocab-{name}.gguf"
+    texts = (files / f"{stem}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    expected = [[int(x) for x in line.split()] for line in (files / f"{stem}.out").read_text(encoding="utf-8").splitlines()]
+    assert len(texts) == len(expected) > 20
+    return texts, expected
+
+
+def test_real_spm_vocabulary(real_vocab_files, tmp_path):
+    """Llama 2's SentencePiece vocabulary: tokenizer.model rebuilt from the shipped GGUF."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    kv = _read_gguf_kv(real_vocab_files / "ggml-vocab-llama-spm.gguf")
+    proto = pb.ModelProto()
+    for text, score, kind in zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.scores"], kv["tokenizer.ggml.token_type"]):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = text, score, kind  # GGUF token types use sentencepiece's numbering
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, False, True
+    src = tmp_path / "llama-spm"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(proto.SerializeToString())
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    (src / "config.json").write_text(json.dumps({"vocab_size": 32000, "bos_token_id": 1, "eos_token_id": 2}))
+
+    path = write_vocab_gguf(src, tmp_path / "llama-spm.gguf")
+    ours = _read_gguf_kv(path)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"):
+        assert ours[key] == kv[key], key
+
+    texts, expected = _test_texts(real_vocab_files, "llama-spm")
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    llm = load_vocab(path)
+    for text, ids in zip(texts, expected):
+        assert sp.encode(text) == ids, text  # the rebuilt model is faithful
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids, text
