@@ -553,3 +553,111 @@ def test_real_spm_vocabulary(real_vocab_files, tmp_path):
     for text, ids in zip(texts, expected):
         assert sp.encode(text) == ids, text  # the rebuilt model is faithful
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids, text
+
+
+# --------------------------------------------------------------------------------------------
+# special tokens, flags and chat templates against gguf-py's SpecialVocab
+# --------------------------------------------------------------------------------------------
+#
+# llama.cpp's converter reads special ids, add_* flags and chat templates with the vendored
+# gguf-py's SpecialVocab. Each variant below is run through it (in a subprocess, since that
+# gguf-py differs from the installed gguf package) and through our reader; the written keys
+# must be equal in name, type, value and order.
+
+_SPECIAL_VOCAB_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import gguf
+for d in sys.argv[1:]:
+    d = Path(d)
+    spec = json.loads((d / "spec.json").read_text())
+    w = gguf.GGUFWriter(str(d / "ref.gguf"), "llama")
+    gguf.SpecialVocab(d, load_merges=spec["load_merges"], n_vocab=spec["n_vocab"]).add_to_gguf(w, quiet=True)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
+"""
+
+
+def _variant_dirs(bpe_model: Path, spm_model: Path, root: Path) -> dict[str, tuple[Path, bool, int | None]]:
+    def clone(name, base, load_merges, n_vocab):
+        d = root / name
+        shutil.copytree(base, d)
+        return d, load_merges, n_vocab
+
+    def edit(path: Path, fn):
+        data = json.loads(path.read_text())
+        fn(data)
+        path.write_text(json.dumps(data))
+
+    out = {}
+    out["bpe-as-is"] = clone("bpe-as-is", bpe_model, True, None)
+    out["spm-as-is"] = clone("spm-as-is", spm_model, False, 1002)
+
+    d, *rest = out["eot-template"] = clone("eot-template", bpe_model, True, None)
+    edit(d / "tokenizer.json", lambda t: t["post_processor"]["processors"][1].update(
+        single=[{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "<|eot_id|>", "type_id": 0}}],
+        pair=[{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+              {"SpecialToken": {"id": "<|eot_id|>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+              {"SpecialToken": {"id": "<|eot_id|>", "type_id": 1}}]))
+
+    d, *rest = out["jinja-templates"] = clone("jinja-templates", bpe_model, True, None)
+    edit(d / "tokenizer_config.json", lambda c: c.pop("chat_template"))
+    (d / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools | tojson }}")
+
+    d, *rest = out["template-json"] = clone("template-json", spm_model, False, 1002)
+    edit(d / "tokenizer_config.json", lambda c: c.pop("chat_template"))
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+
+    d, *rest = out["roberta-lowercase-pairs"] = clone("roberta-lowercase-pairs", bpe_model, True, None)
+
+    def roberta(t):
+        t["post_processor"] = {"type": "RobertaProcessing", "sep": ["<|end_of_text|>", 1201],
+                               "cls": ["<|begin_of_text|>", 1200], "trim_offsets": True, "add_prefix_space": False}
+        t["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Lowercase"}, {"type": "StripAccents"}]}
+        t["model"]["merges"] = [m.split(" ") if isinstance(m, str) else m for m in t["model"]["merges"]][:50]
+        t["model"]["merges"].append(["a b", "c"])
+    edit(d / "tokenizer.json", roberta)
+
+    d, *rest = out["dict-tokens-config-ids"] = clone("dict-tokens-config-ids", spm_model, False, 1002)
+
+    def dict_tokens(c):
+        c["bos_token"] = {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": True}
+        c["pad_token"] = "<unk>"
+        c["add_eos_token"] = True
+    edit(d / "tokenizer_config.json", dict_tokens)
+    edit(d / "config.json", lambda c: c.update(pad_token_id=0, text_config={"sep_token_id": 2}, eos_token_id=5000))
+
+    d, *rest = out["no-tokenizer-json"] = clone("no-tokenizer-json", spm_model, False, 1002)
+    (d / "tokenizer.json").unlink()
+    return out
+
+
+@pytest.mark.skipif(not (REPO / ".cache" / "llama.cpp" / "gguf-py").is_dir(), reason="vendored gguf-py not unpacked")
+def test_special_vocab_matches_gguf_py(bpe_model, spm_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from gguf_moe.tokenizer import _Specials
+
+    variants = _variant_dirs(bpe_model, spm_model, tmp_path)
+    for d, load_merges, n_vocab in variants.values():
+        (d / "spec.json").write_text(json.dumps({"load_merges": load_merges, "n_vocab": n_vocab}))
+    env = dict(os.environ, PYTHONPATH=str(REPO / ".cache" / "llama.cpp" / "gguf-py"))
+    res = subprocess.run([sys.executable, "-c", _SPECIAL_VOCAB_SCRIPT, *[str(v[0]) for v in variants.values()]],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name, (d, load_merges, n_vocab) in variants.items():
+        w = gguf.GGUFWriter(str(d / "ours.gguf"), "llama")
+        _Specials(d, n_vocab=n_vocab, load_merges=load_merges).write(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        ref = gguf.GGUFReader(str(d / "ref.gguf")).fields
+        ours = gguf.GGUFReader(str(d / "ours.gguf")).fields
+        assert list(ours) == list(ref), name
+        for key, field in ref.items():
+            assert ours[key].types == field.types and ours[key].contents() == field.contents(), (name, key)
+        assert len(ref) > 4, name
