@@ -123,3 +123,28 @@ def test_llama_cpp_sees_the_expected_model(case):
         assert int(meta["llama.expert_count"]) == cfg["num_local_experts"] == args["n_expert"]
         assert int(meta["llama.expert_used_count"]) == cfg["num_experts_per_tok"] == args["top_k"]
     assert int(meta["general.file_type"]) == 0  # all F32
+
+
+def test_synth_layouts_are_the_same_model(tmp_path):
+    """The generator's fused (Transformers 5) and legacy (per-expert) layouts hold the same
+    weights for a seed, as transformers itself loads them; the frankenMoE duplicate is exact
+    and named twice in the mergekit recipe; the shard index has no total_size."""
+    import yaml
+
+    fused = make_model(tmp_path / "fused", layout="fused", seed=7, n_expert=4)
+    legacy = make_model(tmp_path / "legacy", layout="legacy", seed=7, n_expert=4, shards=3)
+    a = transformers.AutoModelForCausalLM.from_pretrained(fused, dtype=torch.float32).state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(legacy, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    gate_up = a["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.shape == (4, 2 * 512, 256)
+    assert torch.equal(gate_up[3], gate_up[0]) and not torch.equal(gate_up[1], gate_up[0])
+    recipe = yaml.safe_load((fused / "mergekit_moe_config.yml").read_text())
+    sources = [e["source_model"] for e in recipe["experts"]]
+    assert len(sources) == 4 and sources[3] == sources[0] and len(set(sources)) == 3
+    index = json.loads((legacy / "model.safetensors.index.json").read_text())
+    assert "total_size" not in index["metadata"]
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert json.loads((fused / "config.json").read_text())["rope_parameters"]["rope_theta"] == 1e6
+    assert json.loads((legacy / "config.json").read_text())["rope_theta"] == 1e6
