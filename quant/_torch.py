@@ -15,10 +15,13 @@ eager torch tensor operations vectorized across blocks.  Exactness rules:
   values outside its asserted range, infinities and NaN (from blocks of values below
   ~1e-38) give the same integers as ggml on x86-64.  Q8_0's ``roundf`` rounds half away
   from zero; truncating float->int casts follow x86-64 ``cvttss2si`` (NaN/inf -> INT_MIN).
+* ``sqrtf`` is settled exactly (``_sqrt``): torch's float32 ``sqrt`` is not correctly
+  rounded on CPU.  ``amax``/``amin`` are only used where order and the sign of zero cannot
+  matter; elsewhere the first extreme is picked as C's strict comparisons do.
 * fp32->fp16 with ``Tensor.to(torch.float16)`` (round to nearest even, as ggml).
 
 Rows are processed in bounded chunks, so memory stays flat; on CUDA each chunk is copied
-to the GPU and its bytes back.
+to the GPU and its bytes back.  On CPU, ``threads`` workers take chunks in turn.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ _EPS = 1e-15  # GROUP_MAX_EPS
 _QK_K = 256
 
 #: elements per chunk (rows are grouped so that one chunk holds about this many values)
-_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 23}
+_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 def DEVICES() -> list[str]:
@@ -156,7 +159,12 @@ def _first_ext(x: torch.Tensor, largest: bool) -> torch.Tensor:
 def _fp16_bytes(v: torch.Tensor):
     """float32 [...] -> (fp16 bytes uint8 [..., 2], the fp16 value back as float32)."""
     h = v.contiguous().to(torch.float16)
-    return h.unsqueeze(-1).view(torch.uint8), h.to(_F32)
+    bits = h.view(torch.int16)
+    if h.is_cuda:
+        # NaN scales only arise for |x| > ~1e19 (x*x overflows); x86 makes them the
+        # "default NaN", which ggml stores as 0xFE00; CUDA's canonical NaN would give 0x7FFF
+        bits = torch.where(torch.isnan(h), -512, bits)
+    return bits.unsqueeze(-1).view(torch.uint8), h.to(_F32)
 
 
 def _u8(v: torch.Tensor) -> torch.Tensor:
