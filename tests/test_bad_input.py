@@ -231,3 +231,25 @@ def test_unreadable_gguf_for_quantize(tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(bad), str(tmp_path / "o.gguf"), "Q8_0"])
     assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_interrupt_removes_partial_files(pristine, tmp_path):
+    """Ctrl-C in the middle of a multi-output pass: every .part file is deleted."""
+    from gguf_moe.convert import Progress, convert, plan_outputs
+    from gguf_moe.source import open_model
+
+    class Interrupt(Progress):
+        def __init__(self):
+            self.n = 0
+
+        def advance(self, nbytes):
+            self.n += 1
+            if self.n == 8:
+                assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf.part", "b.gguf.part"]
+                raise KeyboardInterrupt
+
+    with open_model(pristine["fused"]) as m:
+        plans = plan_outputs(m, ["Q4_K_M", "BF16"], [tmp_path / "a.gguf", tmp_path / "b.gguf"])
+        with pytest.raises(KeyboardInterrupt):
+            convert(m, plans, progress=Interrupt(), chunk_bytes=64 << 10)
+    assert list(tmp_path.iterdir()) == []
