@@ -289,7 +289,7 @@ def _write_spm_tokenizer(out: Path, n_pieces: int) -> tuple[int, dict]:
 @functools.lru_cache(maxsize=4)
 def _train_bpe(n_merged: int) -> str:
     """tokenizer.json of a byte-level BPE with the Llama 3 pre-tokenizer (no special tokens)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
