@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from hashlib import sha256
 from pathlib import Path
@@ -34,6 +35,8 @@ from typing import Any
 from gguf import GGUFWriter, TokenType
 
 from .errors import TokenizerError
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["add_tokenizer", "detect_pre_tokenizer", "KNOWN_PRE_TOKENIZERS", "CHKTXT"]
 
@@ -429,6 +432,8 @@ def _sentencepiece_vocab(src: Path, vocab_size: int) -> tuple[list[bytes], list[
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [int(TokenType.UNUSED)] * vocab_size
+    if sp.vocab_size() > vocab_size:
+        _log.warning("%s: ignoring pieces %d.. beyond vocab_size %d", path, vocab_size, vocab_size)
     for i in range(min(sp.vocab_size(), vocab_size)):
         if sp.IsUnknown(i):
             kind = TokenType.UNKNOWN
@@ -447,10 +452,12 @@ def _sentencepiece_vocab(src: Path, vocab_size: int) -> tuple[list[bytes], list[
     added_path = src / "added_tokens.json"
     if added_path.is_file():
         for text, tid in _read_json(added_path).items():
-            if isinstance(tid, int) and 0 <= tid < vocab_size:
-                tokens[tid] = text.encode("utf-8")
-                scores[tid] = -1000.0
-                types[tid] = int(TokenType.USER_DEFINED)
+            if not (isinstance(tid, int) and 0 <= tid < vocab_size):
+                _log.warning("%s: ignoring token %r with id %s beyond vocab_size %d", added_path, text, tid, vocab_size)
+                continue
+            tokens[tid] = text.encode("utf-8")
+            scores[tid] = -1000.0
+            types[tid] = int(TokenType.USER_DEFINED)
 
     cfg_path = src / "tokenizer_config.json"
     if cfg_path.is_file():
@@ -458,6 +465,8 @@ def _sentencepiece_vocab(src: Path, vocab_size: int) -> tuple[list[bytes], list[
         for key, data in decoder.items():
             tid = int(key)
             if tid >= vocab_size:
+                _log.warning("%s: ignoring added token %r with id %d beyond vocab_size %d",
+                             cfg_path, data.get("content"), tid, vocab_size)
                 continue
             text: str = data["content"]
             if data.get("special") or _looks_special(text):
@@ -525,6 +534,28 @@ def detect_pre_tokenizer(src_dir: str | Path) -> tuple[str | None, str]:
     return None, chkhsh
 
 
+def _fit_vocab(path: Path, tok, vocab_size: int) -> dict[str, int]:
+    """token -> id of the tokenizer, limited to the model's vocab_size. Added tokens beyond it
+    (a merge's tokenizer with more added tokens than embedding rows) are dropped with a warning,
+    as llama.cpp's converter does for SentencePiece; base tokens beyond it are an error."""
+    vocab: dict[str, int] = tok.get_vocab(with_added_tokens=True)
+    added = _added_tokens(tok)
+    base_top = max((i for i in vocab.values() if i not in added), default=-1)
+    if base_top >= vocab_size:
+        raise TokenizerError(
+            f"{path}: token id {base_top} does not fit the model's vocab_size {vocab_size} (config.json); "
+            f"the embedding matrix must have at least {base_top + 1} rows"
+        )
+    dropped = sorted(i for i in vocab.values() if i >= vocab_size)
+    if dropped:
+        _log.warning(
+            "%s: ignoring %d added token(s) with ids %s beyond vocab_size %d",
+            path, len(dropped), ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else ""), vocab_size,
+        )
+        vocab = {t: i for t, i in vocab.items() if i < vocab_size}
+    return vocab
+
+
 def _bos_variants(src: Path, tok, ids: list[int]) -> list[list[int]]:
     cfg_path = src / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
@@ -547,13 +578,7 @@ def _added_tokens(tok) -> dict[int, Any]:
 def _gpt2_vocab(src: Path, vocab_size: int, pre_tokenizer: str | None) -> tuple[list[str], list[int], str]:
     path = src / "tokenizer.json"
     tok = _load_fast(path)
-    vocab: dict[str, int] = tok.get_vocab(with_added_tokens=True)
-    top = max(vocab.values())
-    if top >= vocab_size:
-        raise TokenizerError(
-            f"{path}: token id {top} does not fit the model's vocab_size {vocab_size} (config.json); "
-            f"the embedding matrix must have at least {top + 1} rows"
-        )
+    vocab = _fit_vocab(path, tok, vocab_size)
     if pre_tokenizer is not None:
         if pre_tokenizer not in KNOWN_PRE_TOKENIZERS:
             raise TokenizerError(
@@ -608,12 +633,7 @@ def _llama_json_vocab(src: Path, vocab_size: int) -> tuple[list[str], list[float
     for r, pair in enumerate(merges):
         if len(pair) == 2:
             rank.setdefault(pair[0] + pair[1], r)
-    vocab = tok.get_vocab(with_added_tokens=True)
-    top = max(vocab.values())
-    if top >= vocab_size:
-        raise TokenizerError(
-            f"{path}: token id {top} does not fit the model's vocab_size {vocab_size} (config.json)"
-        )
+    vocab = _fit_vocab(path, tok, vocab_size)
     reverse = {i: t for t, i in vocab.items()}
     added = _added_tokens(tok)
     specials = {i for i, a in added.items() if a.special}
@@ -693,7 +713,7 @@ def add_tokenizer(
     if scores is not None:
         writer.add_token_scores(scores)
     writer.add_token_types(types)
-    specials = _Specials(src, n_vocab=None if model == "gpt2" else len(tokens), load_merges=merges)
+    specials = _Specials(src, n_vocab=len(tokens), load_merges=merges)
     if merges and not specials.merges:
         raise TokenizerError(f"{src / 'tokenizer.json'}: BPE tokenizer without merges; the file is incomplete")
     specials.write(writer)

@@ -661,3 +661,26 @@ def test_special_vocab_matches_gguf_py(bpe_model, spm_model, tmp_path):
         for key, field in ref.items():
             assert ours[key].types == field.types and ours[key].contents() == field.contents(), (name, key)
         assert len(ref) > 4, name
+
+
+def test_added_tokens_beyond_vocab_size_are_dropped(bpe_model, tmp_path, caplog):
+    """A merge whose tokenizer has more added tokens than embedding rows (mergekit issue #428):
+    the extra added tokens are dropped with a warning; llama.cpp loads the file and tokenizes
+    ordinary text as the Hugging Face tokenizer does."""
+    src = tmp_path / "extra-added"
+    shutil.copytree(bpe_model, src)
+    cfg = json.loads((src / "config.json").read_text())
+    n = cfg["vocab_size"]
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True, normalized=False) for i in range(3)])
+    tok.save(str(src / "tokenizer.json"))
+    with caplog.at_level("WARNING", logger="gguf_moe.tokenizer"):
+        path = write_vocab_gguf(src, tmp_path / "x.gguf")
+    assert f"ignoring 3 added token(s) with ids {n}, {n + 1}, {n + 2}" in caplog.text
+    assert len(gguf_field(path, "tokenizer.ggml.tokens")) == n
+    llm = load_vocab(path)
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    for text in TEXTS[:12]:
+        assert lc_tokenize(llm, text) == hf.encode(text)
