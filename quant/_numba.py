@@ -2,27 +2,32 @@
 
 Same contract as ``quant._numpy.quantize_rows`` (the readable reference), built for speed:
 
-* **Lanes.**  Blocks are independent, so a tile of ``LANES`` (sub-)blocks is transposed to
-  ``(in-block index, lane)`` and every step of the C algorithm runs as a loop over the
-  lanes.  LLVM turns those loops into SIMD code (8 or 16 sub-blocks per instruction); the
-  branches of the C code become per-lane selects.  Each lane still does exactly the float32
-  operations of its C block, in the same order (sequential sums over the in-block index).
+* **Lanes.**  Blocks are independent, so a tile of ``LANES_K`` (make_qkx searches: Q4_K,
+  Q5_K, Q5_1) or ``LANES`` (the others) sub-blocks is transposed into one flat float32
+  buffer, value i of lane s at ``i*lanes + s``, and every step of the C algorithm runs as a
+  loop over the lanes.  All offsets are compile-time constants, so LLVM proves the rows of
+  the buffer independent and turns those loops into SIMD code without runtime alias checks;
+  the branches of the C code become per-lane selects.  Each lane still does exactly the
+  float32 operations of its C block, in the same order (sequential sums over the in-block
+  index).  Q8_0 needs no search and works block by block on the contiguous input.
 * **No FMA, no fast-math.**  Kernels are compiled with ``fastmath=False``; LLVM then never
   contracts ``a*b + c`` (the x86-64 ``ggml-base`` build does not either).  Checked by the
   byte comparisons against ggml in the tests.
 * **Rounding.**  ``nearest_int`` is ggml's bit trick (``_nint``, via a float->int bitcast).
   Inside the scale searches the lanes use the equivalent float form
-  ``(v + 1.5*2**23) - 1.5*2**23``, which equals the bit trick for |v| <= 4194303; a per-lane
-  bound on |v| is checked each step and a lane that could leave that range is redone by an
-  exact scalar port (``_qkx_one``).  ``roundf`` (Q8_0) rounds half away from zero; C
-  float->int8 casts are done as x86-64 executes them (truncate to int32, NaN/out of range
-  -> INT_MIN, keep the low byte), like the numpy reference.
+  ``(v + 1.5*2**23) - 1.5*2**23``, which equals the bit trick for |v| <= 4194303.  In
+  make_qx_quants |v| <= nmax + 1 always; in make_qkx a per-lane bound on |v| is checked at
+  every step and a lane that could leave the range (in practice: blocks of subnormal
+  values) is redone by an exact scalar port (``_qkx_one``).  ``roundf`` (Q8_0) rounds half
+  away from zero; C float->int8 casts are done as x86-64 executes them (truncate to int32,
+  NaN/out of range -> INT_MIN, keep the low byte), like the numpy reference.
 * **Threads.**  Kernels release the GIL (``nogil``); ``quantize_rows`` splits the rows (or,
   without an imatrix, the blocks) into chunks run by a thread pool.  Chunking never
   changes bytes: blocks are independent and the per-row statistics of the ``_impl`` paths
   are computed over whole rows.
 
-Compiled code is cached on disk (``cache=True``), so the JIT cost is paid once per machine.
+Compiled code is cached on disk (``cache=True``): the JIT cost (tens of seconds for all
+kernels) is paid once per machine; later processes load the kernels in about a second.
 """
 
 from __future__ import annotations
