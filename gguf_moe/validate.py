@@ -1038,6 +1038,9 @@ def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[
     if not isinstance(arch, str):
         rep.add("error", "metadata", "general.architecture is missing or not a string", expected="str",
                 found=h.kvs["general.architecture"].type if "general.architecture" in h.kvs else "missing")
+    elif int(h.kv("split.count", 1) or 1) > 1:
+        rep.add("info", "metadata", f"shard {h.kv('split.no', 0)} of a {h.kv('split.count')}-file split: the tensor-set "
+                "and shape checks need the whole model (merge it with llama-gguf-split first)")
     elif arch == "llama":
         hp = _llama_expectations(h, rep)
         n_vocab = _vocab_size(h, rep, arch)

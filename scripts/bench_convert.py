@@ -3,7 +3,8 @@
 
 Generates synthetic bf16 4-expert merges (legacy mergekit layout, which llama.cpp's
 converter reads) of about 0.5B and 1B parameters in a temporary directory, then runs each
-conversion as a subprocess and measures its wall time and peak RSS (``os.wait4``):
+conversion as a subprocess and measures its wall time and peak RSS (``os.wait4``; this
+process stays small, since Linux reports a child's peak RSS as at least the parent's):
 
 * llama.cpp ``convert_hf_to_gguf.py --outtype bf16`` and ``--outtype q8_0``;
 * ``gguf-moe convert -t BF16``, ``-t Q8_0``, and ``-t BF16 -t Q8_0 -t Q4_K_M`` in one pass.
@@ -19,6 +20,7 @@ outputs are deleted at the end (``--keep`` keeps them).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -57,13 +59,10 @@ def generate(dst: Path, n_layer: int, log: Path) -> tuple[float, int]:
         "import sys, json; from gguf_moe.synth import make_model; "
         "make_model(sys.argv[1], **json.loads(sys.argv[2]))"
     )
-    import json
-
     return run([PY, "-c", code, str(dst), json.dumps(dict(DIMS, n_layer=n_layer))], log)
 
 
 def n_params(src: Path) -> int:
-    import json
     import math
     import struct
 
@@ -109,7 +108,11 @@ def main() -> None:
     ap.add_argument("--tmpdir", default=None, help="where to put models and outputs (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     ap.add_argument("--skip-llama", action="store_true", help="only run gguf-moe")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compare:
+        print(json.dumps(same_tensors(Path(args.compare[0]), Path(args.compare[1]))))
+        return
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for s in sizes:
         if s not in SIZES:
@@ -148,7 +151,11 @@ def main() -> None:
             if not args.skip_llama:
                 for t, sub in (("bf16", "gm-BF16"), ("q8_0", "gm-Q8_0")):
                     mine = next((out / sub).glob("*.gguf"))
-                    n, nb, bad = same_tensors(mine, out / f"llama-{t}.gguf")
+                    # in a child process: touching GBs of data here would raise this process's
+                    # RSS, and Linux reports a child's peak RSS as at least its parent's at fork
+                    res = subprocess.run([PY, __file__, "--compare", str(mine), str(out / f"llama-{t}.gguf")],
+                                         check=True, capture_output=True, text=True, cwd=ROOT)
+                    n, nb, bad = json.loads(res.stdout)
                     checks.append((size, t.upper(), n, nb, bad))
             if not args.keep:
                 shutil.rmtree(out)
