@@ -109,6 +109,7 @@ def test_metadata_matches_converter(pair):
     rk, ok = kv_fields(ref), kv_fields(ours)
     missing = [k for k in rk if k not in ok]
     extra = [k for k in ok if k not in rk]
+    print(f"{name}: {len(rk)} keys from llama.cpp's converter; ours adds {len(extra)}: {sorted({k.split('.')[0] + '.' + k.split('.')[1] for k in extra})}")
     assert not missing, f"keys llama.cpp's converter writes but we do not: {missing}"
     assert all(EXTRA_KEYS.match(k) for k in extra), f"unexpected extra keys: {[k for k in extra if not EXTRA_KEYS.match(k)]}"
     differ = []
