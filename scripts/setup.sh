@@ -13,8 +13,10 @@ DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 
 stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
-STAMP="$VENV/.setup-$(stamp_of)-$DEV"
-if [ -f "$STAMP" ]; then exit 0; fi
+HASH=$(stamp_of)
+STAMP="$VENV/.setup-$HASH-$DEV"
+# A dev set-up includes the runtime one.
+if [ -f "$STAMP" ] || [ -f "$VENV/.setup-$HASH-1" ]; then exit 0; fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
