@@ -564,6 +564,7 @@ def _kq45(x, n, qw, use_qw, five, out):
     dl = np.empty(_NK, F32)
     dml = np.empty(_NK, F32)
     sig = np.empty(SB, F32)
+    cols = np.empty(_NK, np.int64)
     sc12 = np.zeros(12, np.int64)
     Ls = np.empty(8, np.int64)
     Lm = np.empty(8, np.int64)
@@ -580,10 +581,11 @@ def _kq45(x, n, qw, use_qw, five, out):
             for s in range(_NK):
                 lane[s] = (F32(2.0) * sig[s // 8]) / F32(256.0)  # sigma2
             for s in range(_NK):
-                col = ((t0 * 8 + s) * 32) % n
-                for i in range(32):
+                cols[s] = ((t0 * 8 + s) * 32) % n
+            for i in range(32):
+                for s in range(_NK):
                     v = buf[_KX + i * _NK + s]
-                    buf[_KW + i * _NK + s] = qw[col + i] * np.sqrt(lane[s] + v * v)
+                    buf[_KW + i * _NK + s] = qw[cols[s] + i] * np.sqrt(lane[s] + v * v)
             for s in range(_NK):
                 sw[s] = _Z
             for i in range(32):
