@@ -91,10 +91,13 @@ def _f32(v) -> float:
 
 def _nint(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int`` as float32: round half to even for |v| < 2**22, and the same
-    bit-trick result as C outside that range (inf -> -2**22, NaN -> 0 as x86's default NaN)."""
+    bit-trick result as C outside that range (inf -> -2**22, NaN -> 0 as x86's default NaN).
+    Always finite."""
     bits = torch.add(v, _MAGIC).view(_I32)
     r = torch.bitwise_and(bits, 0x7FFFFF).sub_(0x400000).to(_F32)
-    return torch.where(torch.isnan(v), 0.0, r)
+    if v.is_cuda:  # x86's default NaN (all NaN here come from invalid ops) has low bits giving 0;
+        r = torch.where(torch.isnan(v), 0.0, r)  # CUDA's canonical NaN would give 4194303
+    return r
 
 
 def _sqrt(a: torch.Tensor) -> torch.Tensor:
@@ -113,17 +116,12 @@ def _sqrt(a: torch.Tensor) -> torch.Tensor:
     return torch.where(mlo * mlo > a64, dn, y)
 
 
-def _cvtt(v: torch.Tensor) -> torch.Tensor:
-    """C float->int conversion on x86-64 (``cvttss2si``): truncation, INT_MIN when out of range."""
-    ok = torch.abs(v) < 2147483648.0  # False for NaN and inf
-    return torch.where(ok, torch.trunc(v), -2147483648.0).to(torch.int64)
-
-
 def _roundf(v: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: round half away from zero (exact: the fractional part is exact)."""
-    t = torch.trunc(v)
-    f = v - t
-    return t + (f >= 0.5).to(_F32) - (f <= -0.5).to(_F32)
+    """C ``roundf`` (half away from zero) for every finite float:
+    copysign(floor(|v| + (0.5 - 2**-25)), v); the float32 sum reaches the next integer
+    exactly when the fraction is >= 0.5.  (floor, not trunc: torch's CPU trunc is slow.)"""
+    h = torch.tensor(0.49999997, dtype=_F32, device=v.device)
+    return torch.copysign(torch.floor(torch.abs(v) + h), v)
 
 
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
@@ -134,26 +132,41 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _first_absmax(x: torch.Tensor):
-    """Over dim 0: (amax, the signed x at the first index reaching it).  Matches C's
-    ``if (ax > amax) { amax = ax; max = x; }`` from 0 (max stays +0 for all-zero groups;
-    NaN never wins)."""
-    ax = torch.abs(x)
-    ax = torch.where(torch.isnan(ax), 0.0, ax)
-    amax = ax.amax(0)
-    idx = torch.arange(x.shape[0], device=x.device, dtype=_I32).view(-1, *([1] * (x.dim() - 1)))
-    first = torch.where(ax == amax, idx, x.shape[0]).amin(0, keepdim=True)
-    mx = torch.gather(x, 0, first.long())[0]
-    return amax, torch.where(amax > 0, mx, 0.0)
+def _index_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    return torch.arange(x.shape[dim], device=x.device, dtype=_I32).view(shape)
 
 
-def _first_ext(x: torch.Tensor, largest: bool) -> torch.Tensor:
-    """min (or max) over dim 0 as C's strict ``<`` (``>``) update loop finds it: the first of
-    equal extremes, which decides the sign of a zero result."""
-    m = x.amax(0) if largest else x.amin(0)
-    idx = torch.arange(x.shape[0], device=x.device, dtype=_I32).view(-1, *([1] * (x.dim() - 1)))
-    first = torch.where(x == m, idx, x.shape[0]).amin(0, keepdim=True)
-    return torch.gather(x, 0, first.long())[0]
+def _first_absmax(x: torch.Tensor, dim: int = 0, nan_safe: bool = False):
+    """Along ``dim``: (amax, the signed x at the first index reaching it), as C's
+    ``if (ax > amax) { amax = ax; max = x; }`` from 0 finds them: max stays +0 for all-zero
+    groups, NaN never wins (``nan_safe``), and when both +a and -a occur the first wins."""
+    if nan_safe:
+        x = torch.where(torch.isnan(x), 0.0, x)
+    hi = x.amax(dim)
+    lo = x.amin(dim)
+    nlo = -lo
+    amax = torch.maximum(hi, nlo)
+    signed = torch.where(hi >= nlo, hi, lo)
+    tie = (hi == nlo) & (hi > 0)
+    if bool(tie.any()):  # rare: settle by the first index reaching amax
+        first = torch.where(torch.abs(x) == amax.unsqueeze(dim), _index_along(x, dim), x.shape[dim])
+        first = first.amin(dim, keepdim=True).clamp_(max=x.shape[dim] - 1)
+        signed = torch.where(tie, torch.gather(x, dim, first.long()).squeeze(dim), signed)
+    return amax, torch.where(amax > 0, signed, 0.0)
+
+
+def _first_ext(x: torch.Tensor, largest: bool, dim: int = 0) -> torch.Tensor:
+    """min (or max) along ``dim`` as C's strict ``<`` (``>``) update loop finds it: the
+    first of equal extremes, which decides the sign of a zero result."""
+    m = x.amax(dim) if largest else x.amin(dim)
+    z = m == 0
+    if bool(z.any()):  # +0 or -0: the first zero decides
+        first = torch.where(x == 0, _index_along(x, dim), x.shape[dim]).amin(dim, keepdim=True)
+        first.clamp_(max=x.shape[dim] - 1)  # groups without a zero: any index, unused
+        m = torch.where(z, torch.gather(x, dim, first.long()).squeeze(dim), m)
+    return m
 
 
 def _fp16_bytes(v: torch.Tensor):
@@ -169,7 +182,9 @@ def _fp16_bytes(v: torch.Tensor):
 
 def _u8(v: torch.Tensor) -> torch.Tensor:
     """Integer-valued tensor -> uint8 with C's modulo-256 wrap."""
-    return torch.bitwise_and(v.to(torch.int64), 255).to(torch.uint8)
+    if v.is_floating_point():
+        v = v.to(_I32)
+    return torch.bitwise_and(v, 255).to(torch.uint8)
 
 
 def _bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
@@ -224,7 +239,7 @@ def _make_qx_quants(k: _Ctx, x: torch.Tensor, nmax: int, w: torch.Tensor | None)
         best = torch.where(upd, scale * sumlx, best)
     L = torch.clamp(_nint(x * sel), lo, hi).add_(float(nmax))
     scale = torch.where(small, 0.0, scale)
-    L = torch.where(small, 0.0, L)
+    L.mul_((~small).to(_F32))  # L is finite: where() by arithmetic, cheaper on CPU
     return scale, L
 
 
@@ -295,7 +310,7 @@ def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
     torch.sub(x, sel_mn, out=buf).mul_(sel_is)
     L = _nint(buf).clamp_(0.0, fmax)
     scale = torch.where(degen, 0.0, scale)
-    L = torch.where(degen, 0.0, L)
+    L.mul_((~degen).to(_F32))
     return scale, mn, L
 
 
@@ -391,35 +406,42 @@ def _unpack_k_scales(q: torch.Tensor):
 # per-type kernels: chunk [rows, N] float32 on the device -> uint8 [rows, row_bytes]
 
 
+def _zero_bad_blocks(q: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """Blocks [G, 32] whose scaled values are all inf/NaN (the reciprocal scale, or max-min,
+    overflowed: only for |x| below ~1e-38 or above ~1e38): C's float->int casts of inf/NaN
+    give INT_MIN on x86-64 (``cvttss2si``), whose low byte is 0, so every quant is 0."""
+    if bool(bad.any()):
+        q = torch.where(bad[:, None], 0.0, q)
+    return q
+
+
 def _q8_0(k, xr, qw):
     xb = xr.reshape(-1, 32)
     amax = torch.abs(xb).amax(1)
     d = k.div(amax, 127.0)
-    rd = k.div(1.0, d)
-    idn = torch.where(d != 0, rd, 0.0)
-    v = xb * idn[:, None]
-    # C: int8 = roundf(v); non-finite v (id = inf for |x| < ~1e-38 blocks) -> cvttss2si -> 0
-    q = _cvtt(_roundf(v))
+    idn = torch.where(d != 0, k.div(1.0, d), 0.0)
+    v = xb * idn[:, None]  # |v| <= 127 unless id = inf (blocks below ~1e-38)
+    q = _roundf(v)  # int8 = roundf(v)
+    q = _zero_bad_blocks(q, torch.isinf(idn))
     db, _ = _fp16_bytes(d)
-    return torch.cat([db, _u8(q)], 1).reshape(xr.shape[0], -1)
+    return torch.cat([db, q.to(torch.int8).view(torch.uint8)], 1).reshape(xr.shape[0], -1)
 
 
 def _q4_0_q5_0_ref(k, xr, bits):
     xb = xr.reshape(-1, 32)
-    _, mx = _first_absmax(xb.t())
+    _, mx = _first_absmax(xb, 1)
     half = 1 << (bits - 1)
     d = k.div(mx, float(-half))
     idn = torch.where(d != 0, k.div(1.0, d), 0.0)
-    v = xb * idn[:, None] + (half + 0.5)
-    q8 = _cvtt(v) & 255
-    q8 = torch.where(q8 >= 128, q8 - 256, q8)  # (int8_t)
-    q = torch.clamp(q8, max=2 * half - 1) & 255  # MIN(...) then uint8
+    v = xb * idn[:, None] + (half + 0.5)  # in [0.5, 2*half + 0.5] unless id = inf
+    q = torch.floor(v).clamp_(max=2 * half - 1)  # MIN(2*half-1, (int8_t)v), v >= 0
+    q = _zero_bad_blocks(q, torch.isinf(idn))
     db, _ = _fp16_bytes(d)
-    return _pack_32(db, None, q, bits, xr.shape[0])
+    return _pack_32(db, None, q.to(_I32), bits, xr.shape[0])
 
 
 def _pack_32(db, mb, q, bits, rows):
-    """Q4_0/Q5_0/Q5_1 block bytes from d (and m) fp16 bytes and quants q [G, 32] (int64)."""
+    """Q4_0/Q5_0/Q5_1 block bytes from d (and m) fp16 bytes and quants q [G, 32] (int32)."""
     parts = [db] if mb is None else [db, mb]
     lo, hi = q[:, :16], q[:, 16:]
     if bits == 5:
@@ -431,16 +453,16 @@ def _pack_32(db, mb, q, bits, rows):
 
 def _q5_1_ref(k, xr):
     xb = xr.reshape(-1, 32)
-    xt = xb.t()
-    mn = _first_ext(xt, False)
-    mx = _first_ext(xt, True)
+    mn = _first_ext(xb, False, 1)
+    mx = _first_ext(xb, True, 1)
     d = k.div(mx - mn, 31.0)
     idn = torch.where(d != 0, k.div(1.0, d), 0.0)
-    v = (xb - mn[:, None]) * idn[:, None] + 0.5
-    q = _cvtt(v) & 255  # (uint8_t)
+    v = (xb - mn[:, None]) * idn[:, None] + 0.5  # in [0.5, 31.5] unless id or max-min is inf
+    q = torch.floor(v)  # (uint8_t)v, v >= 0
+    q = _zero_bad_blocks(q, torch.isinf(idn) | torch.isinf(mx - mn))
     db, _ = _fp16_bytes(d)
     mb, _ = _fp16_bytes(mn)
-    return _pack_32(db, mb, q, 5, xr.shape[0])
+    return _pack_32(db, mb, q.to(_I32), 5, xr.shape[0])
 
 
 def _q4_0_q5_0_impl(k, xr, qw, bits):
@@ -452,7 +474,7 @@ def _q4_0_q5_0_impl(k, xr, qw, bits):
     W = _qw_groups(qw, 32, rows) * _sqrt(s2 + X * X)
     d, L = _make_qx_quants(k, X, 1 << (bits - 1), W)
     db, _ = _fp16_bytes(d)
-    return _pack_32(db, None, L.t().to(torch.int64), bits, rows)
+    return _pack_32(db, None, L.t().to(_I32), bits, rows)
 
 
 def _q5_1_impl(k, xr, qw):
@@ -465,7 +487,7 @@ def _q5_1_impl(k, xr, qw):
     scale, mn, L = _make_qkx(k, X, W, 31, -0.9, 0.05, 36, strict_eq=False)
     db, _ = _fp16_bytes(scale)
     mb, _ = _fp16_bytes(mn)  # fp16(-the_min)
-    return _pack_32(db, mb, L.t().to(torch.int64), 5, rows)
+    return _pack_32(db, mb, L.t().to(_I32), 5, rows)
 
 
 def _qk_45(k, xr, qw, nmax):
@@ -520,13 +542,13 @@ def _qk_45(k, xr, qw, nmax):
     d = (d16[:, None] * sc.to(_F32)).reshape(G)
     dm = (m16[:, None] * m.to(_F32)).reshape(G)
     Lq = torch.clamp(_nint(k.div(X + dm, d)), 0.0, float(nmax))
-    L = torch.where(d != 0, Lq, L)
-    Lb = L.t().to(torch.int64).reshape(nsb, 4, 2, 32)  # [sb, chunk c, sub-block 2c+h, l]
+    L = Lq.sub_(L).mul_((d != 0).to(_F32)).add_(L)  # d != 0 ? Lq : L (finite small integers)
+    Lb = L.t().to(_I32).reshape(nsb, 4, 2, 32)  # [sb, chunk c, sub-block 2c+h, l]
     lo, hi = Lb[:, :, 0], Lb[:, :, 1]
     parts = [db, mb, _u8(sc_bytes)]
     if nmax == 31:
-        sh = torch.arange(8, device=X.device, dtype=torch.int64).view(1, 8, 1)
-        qh = ((L.t().to(torch.int64).reshape(nsb, 8, 32) >> 4) << sh).sum(1)
+        sh = torch.arange(8, device=X.device, dtype=_I32).view(1, 8, 1)
+        qh = ((L.t().to(_I32).reshape(nsb, 8, 32) >> 4) << sh).sum(1)
         parts.append(_u8(qh))
         lo, hi = lo & 15, hi & 15
     parts.append(_u8(lo | (hi << 4)).reshape(nsb, 128))
@@ -541,23 +563,23 @@ def _q6_k(k, xr, qw):
     W = None if qw is None else _qw_groups(qw, 16, rows)
     scales, L = _make_qx_quants(k, X, 32, W)
     S = scales.view(nsb, 16).t()
-    max_abs, max_scale = _first_absmax(S)
+    max_abs, max_scale = _first_absmax(S, nan_safe=True)
     zero = max_abs < _EPS
     iscale = k.div(-128.0, max_scale)
     db, d16 = _fp16_bytes(k.div(1.0, iscale))
     sq = torch.clamp(_nint(iscale[None, :] * S), max=127.0)  # [16, nsb]
     d = (d16[None, :] * sq).t().reshape(G)
-    Lq = torch.clamp(_nint(k.div(X, d)), -32.0, 31.0) + 32.0
-    L = torch.where(d != 0, Lq, L)
-    Lb = L.t().to(torch.int64).reshape(nsb, 2, 4, 32)  # [sb, half h, quarter q, l]
+    Lq = torch.clamp(_nint(k.div(X, d)), -32.0, 31.0).add_(32.0)
+    L = Lq.sub_(L).mul_((d != 0).to(_F32)).add_(L)  # d != 0 ? Lq : L
+    Lb = L.t().to(_I32).reshape(nsb, 2, 4, 32)  # [sb, half h, quarter q, l]
     ql = torch.stack([Lb[:, :, 0] & 15 | (Lb[:, :, 2] & 15) << 4, Lb[:, :, 1] & 15 | (Lb[:, :, 3] & 15) << 4], 2)
-    sh = torch.tensor([0, 2, 4, 6], device=X.device, dtype=torch.int64).view(1, 1, 4, 1)
+    sh = torch.tensor([0, 2, 4, 6], device=X.device, dtype=_I32).view(1, 1, 4, 1)
     qh = ((Lb >> 4) << sh).sum(2)
     out = torch.cat(
         [_u8(ql).reshape(nsb, 128), _u8(qh).reshape(nsb, 64), _u8(sq.t()), db],
         1,
     )
-    out = torch.where(zero[:, None], torch.zeros((), dtype=torch.uint8, device=X.device), out)
+    out.mul_((~zero).to(torch.uint8)[:, None])  # all-zero super-blocks: 210 zero bytes
     return out.reshape(rows, -1)
 
 
