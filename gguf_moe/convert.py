@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 import quant
 from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
-from gguf_moe.metadata import add_model_metadata
+from gguf_moe.metadata import add_model_metadata, tokenizer_kvs
 from gguf_moe.presets import Preset, allows_quantization, choose_types, get_preset, llama_sort_key, n_dims
 from gguf_moe.source import SourceModel, SourceTensor
 from gguf_moe.writer import StreamingGGUF, check_output_free
@@ -121,12 +121,14 @@ def plan_outputs(model: SourceModel, presets: Sequence[Preset | str], paths: Seq
     return out
 
 
-def make_writer(model: SourceModel, out: OutputPlan, *, pre_tokenizer: str | None = None, recipe: bool = True) -> gguf.GGUFWriter:
+def make_writer(
+    model: SourceModel, out: OutputPlan, *, pre_tokenizer: str | None = None, recipe: bool = True, tokenizer=None
+) -> gguf.GGUFWriter:
     """A ``GGUFWriter`` holding the tensor infos and every KV of ``out`` (nothing written)."""
     w = gguf.GGUFWriter(None, model.arch)
     for t in out.tensors:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-    add_model_metadata(w, model, out.preset, pre_tokenizer=pre_tokenizer, recipe=recipe)
+    add_model_metadata(w, model, out.preset, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tokenizer)
     return w
 
 
@@ -188,7 +190,11 @@ def convert(
         check_output_free(o.path, force)
     if len({o.path.resolve() for o in outputs}) != len(outputs):
         raise GgufMoeError("two outputs would have the same file name; give each -t once")
-    writers = [StreamingGGUF(o.path, make_writer(model, o, pre_tokenizer=pre_tokenizer, recipe=recipe), force=force) for o in outputs]
+    tok = tokenizer_kvs(model, pre_tokenizer)
+    writers = [
+        StreamingGGUF(o.path, make_writer(model, o, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tok), force=force)
+        for o in outputs
+    ]
     try:
         for w in writers:
             w.open()

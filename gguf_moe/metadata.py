@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gguf_moe.presets import Preset
     from gguf_moe.source import SourceModel
 
-__all__ = ["add_model_metadata", "load_recipe", "recipe_kvs", "MOE_PREFIX"]
+__all__ = ["add_model_metadata", "tokenizer_kvs", "load_recipe", "recipe_kvs", "MOE_PREFIX"]
 
 MOE_PREFIX = "moe."
 RECIPE_FILE = "mergekit_moe_config.yml"
@@ -193,6 +193,17 @@ def _move_to_end(w: gguf.GGUFWriter, key: str) -> None:
         kv[key] = kv.pop(key)
 
 
+def tokenizer_kvs(model: SourceModel, pre_tokenizer: str | None = None) -> dict[str, gguf.GGUFValue]:
+    """The tokenizer's KVs (``gguf_moe.tokenizer.add_tokenizer``), in order, computed once
+    so that several outputs of one conversion can share them."""
+    from gguf_moe.tokenizer import add_tokenizer
+
+    scratch = gguf.GGUFWriter(None, model.arch)
+    before = set(scratch.kv_data[0])
+    add_tokenizer(scratch, model.path, vocab_size=model.hparams["vocab_size"], pre_tokenizer=pre_tokenizer)
+    return {k: v for k, v in scratch.kv_data[0].items() if k not in before}
+
+
 def add_model_metadata(
     w: gguf.GGUFWriter,
     model: SourceModel,
@@ -200,17 +211,20 @@ def add_model_metadata(
     *,
     pre_tokenizer: str | None = None,
     recipe: bool = True,
+    tokenizer: dict[str, gguf.GGUFValue] | None = None,
 ) -> None:
     """Add every KV of the output file to ``w`` (tensor infos must already be added:
-    the size label counts their parameters)."""
-    from gguf_moe.tokenizer import add_tokenizer
-
+    the size label counts their parameters).  ``tokenizer``: KVs from ``tokenizer_kvs``
+    (computed here when not given)."""
     rec = load_recipe(model.path) if recipe else None
     w.add_type(gguf.GGUFType.MODEL)
     _model_card(model, w.get_total_parameter_count(), rec).set_gguf_meta_model(w)
     _hparams(w, model, preset.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(w, model.path, vocab_size=model.hparams["vocab_size"], pre_tokenizer=pre_tokenizer)
+    if tokenizer is None:
+        tokenizer = tokenizer_kvs(model, pre_tokenizer)
+    for key, val in tokenizer.items():
+        w.add_key_value(key, val.value, val.type, sub_type=val.sub_type)
     if rec is not None:
         for key, val, vtype, sub in recipe_kvs(rec):
             w.add_key_value(key, val, vtype, sub_type=sub)
