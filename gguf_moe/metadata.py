@@ -121,7 +121,7 @@ def _source_models(recipe: dict[str, Any]) -> list[str]:
 
 
 def _model_card(model: SourceModel, total: tuple[int, int, int, int], recipe: dict | None) -> gguf.Metadata:
-    meta = gguf.Metadata.load(None, model.path, None, total[0])
+    meta = gguf.Metadata.load(None, model.path.resolve(), None, total[0])
     if meta.name is None:
         meta.name = model.name
     if meta.size_label is None and total[0] > 0:
@@ -168,10 +168,6 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
             w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
     elif rope_type in ("su", "longrope"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-    elif isinstance(rope_type, str) and rope_type.lower() == "llama3":
-        raise ConfigError(
-            f"{model.path / 'config.json'}: rope_type 'llama3' (Llama 3.1 style rope_freqs) is not supported yet"
-        )
     if hp["rope_theta"] is not None:
         w.add_rope_freq_base(float(hp["rope_theta"]))
     if hp["rms_eps"] is not None:

@@ -304,6 +304,11 @@ def normalize_hparams(config: dict, config_path: Path, *, moe: bool) -> dict[str
         raise ConfigError(f"{config_path}: rope_theta must be a number, found {theta!r}")
     hp["rope_theta"] = theta
     hp["rope_type"] = rope.get("rope_type")
+    if isinstance(hp["rope_type"], str) and hp["rope_type"].lower() == "llama3":
+        raise ConfigError(
+            f"{config_path}: rope_type 'llama3' (Llama 3.1-style scaling, which needs a generated rope_freqs tensor) "
+            "is not supported yet"
+        )
     hp["sliding_window"] = config.get("sliding_window")
     hp["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     hp["dtype"] = config.get("dtype", config.get("torch_dtype"))

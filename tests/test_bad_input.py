@@ -253,3 +253,13 @@ def test_interrupt_removes_partial_files(pristine, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             convert(m, plans, progress=Interrupt(), chunk_bytes=64 << 10)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)])
+def test_unsupported_rope_scaling(model, tmp_path, extra):
+    d = model()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    err = fail(d, tmp_path, extra=extra)
+    assert "llama3" in err and "not supported" in err
