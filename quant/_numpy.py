@@ -38,7 +38,7 @@ F32 = np.float32
 _I32_MIN = np.int32(-(2**31))
 
 #: Approximate number of float32 values quantized per vectorized group.
-GROUP_ELEMS = 1 << 17
+GROUP_ELEMS = 1 << 18
 
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)

@@ -7,7 +7,8 @@ names the case, how many blocks differ and shows the first differing block.
 Volume: by default ~37k super-blocks (9.5M values) per type and imatrix setting for the
 compiled/fast backends; the slow ``torch:cpu`` path (the CUDA kernels run on CPU) gets every
 16th row of each case unless ``GGUF_MOE_QUANT_TEST_FULL=1``.
-``GGUF_MOE_QUANT_TEST_SCALE=4`` multiplies the row counts (heavier runs).
+``GGUF_MOE_QUANT_TEST_SCALE=4`` multiplies the row counts (heavier runs);
+``GGUF_MOE_QUANT_TEST_SEED=n`` draws other weights and imatrices.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import weights
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
 SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
+SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
 FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 #: backend -> row stride used on each case (1 = every row)
 ROW_STRIDE = {} if FULL else {"torch:cpu": 16}
@@ -52,14 +54,14 @@ CASES = [c for c in SHAPES if c != "subnormals" or platform.machine().lower() in
 @functools.cache
 def _input(case: str) -> np.ndarray:
     rows, n = SHAPES[case]
-    x = weights.make(case, max(1, int(rows * SCALE)), n)
+    x = weights.make(case, max(1, int(rows * SCALE)), n, seed=SEED)
     x.setflags(write=False)
     return x
 
 
 @functools.cache
 def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=7)
+    return weights.imatrix(n, seed=7 + SEED)
 
 
 @functools.cache
