@@ -41,7 +41,6 @@ _F32 = torch.float32
 _I32 = torch.int32
 _MAGIC = 12582912.0  # 1.5 * 2**23, nearest_int's rounding constant
 _EPS = 1e-15  # GROUP_MAX_EPS
-_QK_K = 256
 
 #: elements per chunk (rows are grouped so that one chunk holds about this many values)
 _CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
@@ -83,10 +82,6 @@ class _Ctx:
         if not isinstance(b, torch.Tensor):
             b = self.c(b)
         return torch.div(a, b)
-
-
-def _f32(v) -> float:
-    return float(np.float32(v))
 
 
 def _nint(v: torch.Tensor) -> torch.Tensor:
