@@ -45,7 +45,7 @@ def run_demo(outdir: str | Path, *, backend: str | None = None, quiet: bool = Fa
     src = out / DEMO_MODEL
     if src.exists():
         shutil.rmtree(src)
-    err.print(f"building {src}: 4 experts (top-2, expert 3 duplicates expert 0), fused mergekit layout")
+    err.print(f"building {src} (4 experts, top-2, expert 3 = expert 0; fused layout)")
     make_model(
         src, layout="fused", n_layer=4, hidden=512, ff=1024, n_head=8, n_kv_head=4,
         n_expert=4, top_k=2, duplicate_expert=True, shards=2, seed=0,
