@@ -841,6 +841,90 @@ def _pack5(out, o, Lq, s, nl):
 
 
 @njit(**_JIT)
+def _ref4_0_5_0(x, five, out):
+    """Q4_0 / Q5_0 ``_ref``, block by block on the contiguous input (as the C loop)."""
+    nblk = x.size // 32
+    ts = 22 if five else 18
+    dneg = F32(-16.0) if five else F32(-8.0)
+    off = F32(16.5) if five else F32(8.5)
+    qmax = 31 if five else 15
+    q = np.empty(32, np.int32)
+    for b in range(nblk):
+        o = b * 32
+        # C: first value of largest |x| (strict '<' from 0).  Largest magnitude as integer
+        # bits (vectorizable, exact for finite x), then the first value that has it.
+        m = np.int32(0)
+        for i in range(32):
+            u = _f32_bits(x[o + i]) & np.int32(0x7FFFFFFF)
+            m = u if u > m else m
+        mx = _Z
+        if m != 0:
+            for i in range(32):
+                if _f32_bits(x[o + i]) & np.int32(0x7FFFFFFF) == m:
+                    mx = x[o + i]
+                    break
+        d = mx / dneg
+        idv = _ONE / d if d != _Z else _Z
+        ob = b * ts
+        _put16(out, ob, _f16(d))
+        for i in range(32):
+            v = x[o + i] * idv + off
+            ok = v >= F32(-2147483648.0) and v < _TWO31
+            c = np.int32(v) if ok else np.int32(_I32_MIN)
+            qq = np.int32(np.int8(c))  # low byte, signed (C's (int8_t) cast)
+            q[i] = np.int32(np.uint8(qq if qq < qmax else np.int32(qmax)))
+        if five:
+            qh = 0
+            for j in range(16):
+                out[ob + 6 + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
+                qh |= ((q[j] & 0x10) >> 4) << j
+                qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
+            out[ob + 2] = qh & 0xFF
+            out[ob + 3] = (qh >> 8) & 0xFF
+            out[ob + 4] = (qh >> 16) & 0xFF
+            out[ob + 5] = (qh >> 24) & 0xFF
+        else:
+            for j in range(16):
+                out[ob + 2 + j] = (q[j] | (q[j + 16] << 4)) & 0xFF
+
+
+@njit(**_JIT)
+def _ref5_1(x, out):
+    """Q5_1 ``_ref``, block by block on the contiguous input (as the C loop)."""
+    nblk = x.size // 32
+    q = np.empty(32, np.int64)
+    for b in range(nblk):
+        o = b * 32
+        mn = _FLT_MAX
+        mx = -_FLT_MAX
+        for i in range(32):
+            v = x[o + i]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = (mx - mn) / F32(31.0)
+        idv = _ONE / d if d != _Z else _Z
+        ob = b * 24
+        _put16(out, ob, _f16(d))
+        _put16(out, ob + 2, _f16(mn))
+        for i in range(32):
+            v = (x[o + i] - mn) * idv + _HALF
+            ok = v >= F32(-2147483648.0) and v < _TWO31
+            c = np.int32(v) if ok else np.int32(_I32_MIN)
+            q[i] = c & 0xFF
+        qh = 0
+        for j in range(16):
+            out[ob + 8 + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
+            qh |= ((q[j] & 0x10) >> 4) << j
+            qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
+        out[ob + 4] = qh & 0xFF
+        out[ob + 5] = (qh >> 8) & 0xFF
+        out[ob + 6] = (qh >> 16) & 0xFF
+        out[ob + 7] = (qh >> 24) & 0xFF
+
+
+@njit(**_JIT)
 def _kq4_0_5_0(x, n, qw, use_qw, five, out):
     """Q4_0 (five=False) / Q5_0 (five=True): ``_ref``, or ``_impl`` with quant weights."""
     nblk = x.size // 32
@@ -984,6 +1068,11 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
         _kq6(x, n, qw, use_qw, out)
     elif name == "Q8_0":
         _kq8_0(x, n, qw, False, out)
+    elif not use_qw:
+        if name == "Q5_1":
+            _ref5_1(x, out)
+        else:
+            _ref4_0_5_0(x, name == "Q5_0", out)
     elif name == "Q4_0":
         _kq4_0_5_0(x, n, qw, use_qw, False, out)
     elif name == "Q5_0":
