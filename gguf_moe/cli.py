@@ -88,7 +88,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 class _RichProgress:
-    """Per-tensor progress on stderr: current tensor, bytes of float32 source done, ETA."""
+    """Per-tensor progress on stderr: current tensor, source bytes done, speed, ETA."""
 
     def __init__(self, label: str):
         from rich.console import Console

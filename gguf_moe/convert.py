@@ -198,7 +198,7 @@ def convert(
     try:
         for w in writers:
             w.open()
-        total = sum(st.n_elements * 4 for st in model.tensors)
+        total = sum(st.n_elements * st.src_itemsize for st in model.tensors)
         progress.start(total, len(model.tensors))
         for i, st in enumerate(model.tensors):
             progress.tensor(st.name, i)
@@ -214,7 +214,7 @@ def convert(
                     except QuantError as e:
                         raise CorruptFile(f"{_where(st, row)} -> {t.name}: {e}") from None
                 row += len(chunk)
-                progress.advance(chunk.nbytes)
+                progress.advance(chunk.size * st.src_itemsize)
         done = [w.close() for w in writers]
         progress.finish()
         return done

@@ -359,6 +359,11 @@ class SourceTensor:
     def n_elements(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def src_itemsize(self) -> int:
+        """Bytes per element in the checkpoint (2 for BF16/F16, 4 for F32)."""
+        return _DTYPES[self.src_dtype][1]
+
     def iter_chunks(self, max_rows: int) -> Iterator[np.ndarray]:
         step = max(1, int(max_rows))
         if self.head_rows:
