@@ -244,6 +244,8 @@ def dequantize(data, qtype, n_per_row: int) -> np.ndarray:
     # [..., row_bytes] keeps its leading dims (one 1-D row gives one 1-D row); other flat data is rows
     lead = data.shape[:-1] if data.shape[-1] == rb else (data.size // rb,)
     rows = data.reshape(-1, rb)
+    if rows.shape[0] == 0:
+        return np.zeros((*lead, n_per_row), dtype=np.float32)
     if q.name == "F32":
         out = rows.view(np.float32)
     elif q.name == "F16":

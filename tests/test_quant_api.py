@@ -57,6 +57,28 @@ def test_shapes_any_leading_dims(qtype, lead):
     assert back.shape == lead + (n,) and back.dtype == np.float32
 
 
+@PROPERTY
+@given(
+    qtype=st.sampled_from(BLOCK_TYPES),
+    lead=st.lists(st.integers(0, 3), max_size=3).map(tuple),
+    nblk=st.integers(1, 3),
+    per_matrix_imatrix=st.booleans(),
+)
+def test_shapes_property(qtype, lead, nblk, per_matrix_imatrix):
+    n = nblk * _bs(qtype)
+    rows = int(np.prod(lead, dtype=int))
+    x = weights.make("student_t", max(rows, 1), n)[:rows].reshape(*lead, n)
+    qw = None
+    if len(lead) >= 1:
+        rng = np.random.default_rng(len(lead))
+        qw = (rng.standard_normal(lead[:-1] + (n,)) ** 2).astype(np.float32)  # one per matrix
+        if not per_matrix_imatrix:
+            qw = weights.imatrix(n)
+    got = quant.quantize(x, qtype, imatrix=qw, backend="numpy")
+    assert got.shape == lead + (quant.row_bytes(qtype, n),) and got.dtype == np.uint8
+    assert quant.dequantize(got, qtype, n).shape == lead + (n,)
+
+
 def test_row_bytes_and_sizes_match_gguf():
     from gguf import GGML_QUANT_SIZES
 
