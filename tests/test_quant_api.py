@@ -295,6 +295,33 @@ def test_q8_0_tiny_scale_policy():
     assert (quant.dequantize(q, "Q8_0", 32) == 0).all()
 
 
+def _edge_blocks():
+    """Hand-built blocks with the bytes ggml writes for them (docs/quant.md)."""
+    q8 = np.zeros(32, np.float32)
+    q8[:5] = [127.0, 0.5, 1.5, -0.5, -2.5]  # d = 1 exactly; roundf ties go away from zero
+    q8_bytes = [0x00, 0x3C, 127, 1, 2, 0xFF, 0xFD] + [0] * 27  # 0.5->1, 1.5->2, -0.5->-1, -2.5->-3
+    q5_1 = np.zeros(32, np.float32)
+    q5_1[0] = -0.0  # min/max of an all-zero block are its first value: m = -0.0
+    return [
+        # Q4_0 all-zero block: d = 0/-8 = -0.0 (0x8000); q = (int8)(0*0 + 8.5) = 8 -> 0x88
+        ("Q4_0", np.zeros(32, np.float32), [0x00, 0x80] + [0x88] * 16),
+        # Q5_0 all-zero block: d = -0.0; q = 16 -> low nibbles 0, bit 4 set in every qh bit
+        ("Q5_0", np.zeros(32, np.float32), [0x00, 0x80] + [0xFF] * 4 + [0x00] * 16),
+        ("Q5_1", q5_1, [0, 0, 0x00, 0x80] + [0] * 20),
+        ("Q8_0", q8, q8_bytes),
+        # Q6_K all-zero super-block: 210 zero bytes (not quants of 32)
+        ("Q6_K", np.zeros(256, np.float32), [0] * 210),
+    ]
+
+
+@pytest.mark.parametrize("qtype,x,expected", _edge_blocks(), ids=lambda v: v if isinstance(v, str) else "")
+def test_documented_edge_blocks(qtype, x, expected):
+    got = quant.quantize(x, qtype, backend="numpy")
+    assert got.tolist() == expected
+    oracle = pytest.importorskip("oracle")
+    assert oracle.ggml_quantize(x[None], qtype)[0].tolist() == expected
+
+
 # --------------------------------------------------------------------------- float types
 
 
