@@ -183,9 +183,14 @@ def _print_plan(model, plans) -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads (default: all cores).")
 @click.option("--backend", callback=_backend_callback, help="Quantization backend: numpy, numba, torch, torch:cpu, torch:cuda.")
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Importance matrix from llama-imatrix (GGUF or legacy .dat), used as llama-quantize uses it.",
+)
 @click.option("--recipe/--no-recipe", default=True, help="Store the mergekit-moe recipe (moe.* and general.base_model.* keys).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, recipe, quiet):
+def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet):
     """Convert the Hugging Face model in SRC_DIR to GGUF, one file per -t TYPE."""
     from gguf_moe import convert as conv
     from gguf_moe.source import open_model
@@ -196,6 +201,11 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
         raise click.UsageError("-o/--output takes one -t; use --outdir for several output types")
     if output is None and outdir is None and not dry_run:
         raise click.UsageError("give -o OUT.gguf (one -t) or --outdir DIR")
+    im = None
+    if imatrix is not None:
+        from gguf_moe.imatrix import load_imatrix
+
+        im = load_imatrix(imatrix)
     model = open_model(src_dir)
     try:
         if output is not None:
@@ -204,7 +214,7 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
             paths = [outdir / conv.output_name(model.name, p) for p in types]
         else:
             paths = [None] * len(types)
-        plans = conv.plan_outputs(model, types, paths)
+        plans = conv.plan_outputs(model, types, paths, has_imatrix=im is not None)
         if dry_run:
             _print_plan(model, plans)
             return
@@ -214,7 +224,7 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
         try:
             written = conv.convert(
                 model, plans, force=force, pre_tokenizer=pre_tokenizer, recipe=recipe,
-                backend=backend, threads=threads, progress=prog,
+                backend=backend, threads=threads, progress=prog, imatrix=im,
             )  # fmt: skip
         finally:
             if prog is not None:
@@ -236,14 +246,24 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads (default: all cores).")
 @click.option("--backend", callback=_backend_callback, help="Quantization backend: numpy, numba, torch, torch:cpu, torch:cuda.")
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Importance matrix from llama-imatrix (GGUF or legacy .dat), used as llama-quantize uses it.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def quantize(src, dst, type_, force, threads, backend, quiet):
+def quantize(src, dst, type_, force, threads, backend, imatrix, quiet):
     """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does."""
     from gguf_moe.convert import requantize
 
+    im = None
+    if imatrix is not None:
+        from gguf_moe.imatrix import load_imatrix
+
+        im = load_imatrix(imatrix)
     prog = _progress(quiet, "quantize")
     try:
-        out = requantize(src, dst, type_, force=force, backend=backend, threads=threads, progress=prog)
+        out = requantize(src, dst, type_, force=force, backend=backend, threads=threads, progress=prog, imatrix=im)
     finally:
         if prog is not None:
             prog.stop()

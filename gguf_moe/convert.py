@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 import quant
 from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
+from gguf_moe.imatrix import Imatrix
 from gguf_moe.metadata import add_model_metadata, tokenizer_kvs
 from gguf_moe.presets import Preset, allows_quantization, choose_types, get_preset, llama_sort_key, n_dims
 from gguf_moe.source import SourceModel, SourceTensor
@@ -104,16 +105,24 @@ def plan_tensors(
     return [PlannedTensor(n, tuple(s), types[n], _nbytes(n, tuple(s), types[n])) for n, s in tensors]
 
 
-def plan_outputs(model: SourceModel, presets: Sequence[Preset | str], paths: Sequence[Path | None] | None = None) -> list[OutputPlan]:
-    """Plan every output from headers alone."""
+def plan_outputs(
+    model: SourceModel,
+    presets: Sequence[Preset | str],
+    paths: Sequence[Path | None] | None = None,
+    *,
+    has_imatrix: bool = False,
+) -> list[OutputPlan]:
+    """Plan every output from headers alone (``has_imatrix`` changes llama-quantize's
+    choice for Q4_0/Q5_0 ffn_down, as an ``--imatrix`` does)."""
     hp = model.hparams
     shapes = [(t.name, t.shape) for t in model.tensors]
     out = []
     for i, p in enumerate(presets):
         pre = get_preset(p)
         tensors = plan_tensors(
-            shapes, pre, n_expert=hp["n_expert"], n_layer=hp["n_layer"], n_head=hp["n_head"], n_head_kv=hp["n_head_kv"]
-        )
+            shapes, pre, n_expert=hp["n_expert"], n_layer=hp["n_layer"], n_head=hp["n_head"], n_head_kv=hp["n_head_kv"],
+            has_imatrix=has_imatrix,
+        )  # fmt: skip
         for st, pt in zip(model.tensors, tensors):
             if st.force_f32 and pt.ggml_type != T.F32:
                 raise GgufMoeError(f"internal error: {st.name} must be F32, planned {pt.ggml_type.name}")
@@ -122,14 +131,42 @@ def plan_outputs(model: SourceModel, presets: Sequence[Preset | str], paths: Seq
 
 
 def make_writer(
-    model: SourceModel, out: OutputPlan, *, pre_tokenizer: str | None = None, recipe: bool = True, tokenizer=None
+    model: SourceModel,
+    out: OutputPlan,
+    *,
+    pre_tokenizer: str | None = None,
+    recipe: bool = True,
+    tokenizer=None,
+    imatrix: Imatrix | None = None,
 ) -> gguf.GGUFWriter:
     """A ``GGUFWriter`` holding the tensor infos and every KV of ``out`` (nothing written)."""
     w = gguf.GGUFWriter(None, model.arch)
     for t in out.tensors:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
     add_model_metadata(w, model, out.preset, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tokenizer)
+    if imatrix is not None and not out.preset.is_float:
+        add_imatrix_kvs(w, imatrix)
     return w
+
+
+def add_imatrix_kvs(w: gguf.GGUFWriter, im: Imatrix) -> None:
+    """The ``quantize.imatrix.*`` keys llama-quantize appends after general.file_type."""
+    for key, val in im.kv_pairs():
+        if isinstance(val, str):
+            w.add_string(key, val)
+        else:
+            w.add_uint32(key, int(val))
+
+
+def _imatrix_for(im: Imatrix | None, name: str, shape: tuple[int, ...], t: T, row0: int) -> np.ndarray | None:
+    """The importance weights for the rows starting at ``row0`` (one expert's slice for a
+    stacked-expert tensor; a chunk never crosses an expert)."""
+    if im is None or t in _FLOAT or t == T.Q8_0:
+        return None
+    w = im.for_tensor(name, shape)
+    if w is None or w.ndim == 1:
+        return w
+    return w[row0 // shape[1]]
 
 
 def _where(st: SourceTensor, row: int) -> str:
@@ -150,7 +187,9 @@ def _check_finite(x: np.ndarray, st: SourceTensor, row0: int) -> None:
         )
 
 
-def encode(x: np.ndarray, t: T, *, backend: str | None = None, threads: int | None = None) -> np.ndarray:
+def encode(
+    x: np.ndarray, t: T, *, backend: str | None = None, threads: int | None = None, imatrix: np.ndarray | None = None
+) -> np.ndarray:
     """float32 rows -> the bytes of ggml type ``t`` (uint8 ``[rows, row_bytes]``)."""
     if t == T.F32:
         return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8)
@@ -159,7 +198,7 @@ def encode(x: np.ndarray, t: T, *, backend: str | None = None, threads: int | No
         if not np.isfinite(h).all():
             raise QuantError(f"value {float(np.abs(x[~np.isfinite(h)]).max())} overflows F16 (max 65504); choose BF16 instead")
         return h.view(np.uint8)
-    return quant.quantize(x, t.name, backend=backend, threads=threads)
+    return quant.quantize(x, t.name, imatrix=imatrix, backend=backend, threads=threads)
 
 
 def _max_rows(n_cols: int, chunk_bytes: int) -> int:
@@ -177,8 +216,13 @@ def convert(
     threads: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Progress | None = None,
+    imatrix: Imatrix | None = None,
 ) -> list[Path]:
     """Write every output in one pass over the source; returns the paths written.
+
+    ``imatrix``: importance weights (``gguf_moe.imatrix.load_imatrix``) for the block
+    quantized outputs, used as llama-quantize uses them (per expert for ``*_exps``); plan
+    with ``has_imatrix=True`` so the per-tensor types match.
 
     On any error (or KeyboardInterrupt) the partial ``.part`` files are deleted and the
     exception propagates; outputs that already existed are untouched.
@@ -192,7 +236,11 @@ def convert(
         raise GgufMoeError("two outputs would have the same file name; give each -t once")
     tok = tokenizer_kvs(model, pre_tokenizer)
     writers = [
-        StreamingGGUF(o.path, make_writer(model, o, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tok), force=force)
+        StreamingGGUF(
+            o.path,
+            make_writer(model, o, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tok, imatrix=imatrix),
+            force=force,
+        )
         for o in outputs
     ]
     try:
@@ -210,7 +258,8 @@ def convert(
                 _check_finite(chunk, st, row)
                 for w, t in zip(writers, types):
                     try:
-                        w.write(encode(chunk, t, backend=backend, threads=threads))
+                        qw = _imatrix_for(imatrix, st.name, st.shape, t, row)
+                        w.write(encode(chunk, t, backend=backend, threads=threads, imatrix=qw))
                     except QuantError as e:
                         raise CorruptFile(f"{_where(st, row)} -> {t.name}: {e}") from None
                 row += len(chunk)
@@ -247,6 +296,7 @@ def requantize(
     threads: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Progress | None = None,
+    imatrix: Imatrix | None = None,
 ) -> Path:
     """Quantize an F32/F16/BF16 GGUF like ``llama-quantize``: KVs copied in order (``split.*``
     dropped; ``general.quantization_version`` and ``general.file_type`` re-set at the end),
@@ -280,7 +330,9 @@ def requantize(
         shape = tuple(reversed(ne[: n_dims(tuple(reversed(ne)))]))
         infos.append((rt.name, shape, rt))
     infos.sort(key=lambda x: llama_sort_key(x[0]))
-    types = choose_types(pre, [(n, s) for n, s, _ in infos], n_expert=n_expert, n_layer=n_layer, arch=arch)
+    types = choose_types(
+        pre, [(n, s) for n, s, _ in infos], n_expert=n_expert, n_layer=n_layer, arch=arch, has_imatrix=imatrix is not None
+    )
 
     w = gguf.GGUFWriter(None, arch)
     w.kv_data[0].clear()  # re-added below in the input's order
@@ -292,6 +344,8 @@ def requantize(
         w.add_key_value(key, val, vtype, sub_type=sub)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(pre.file_type)
+    if imatrix is not None:
+        add_imatrix_kvs(w, imatrix)
 
     plan: list[tuple[str, tuple[int, ...], T, T, object]] = []
     for name, shape, rt in infos:
@@ -328,17 +382,22 @@ def requantize(
                 n = shape[-1]
                 in_rb = quant.row_bytes(cur.name, n)
                 rows = raw.reshape(-1, in_rb)
-                step = _max_rows(n, chunk_bytes)
-                for r0 in range(0, rows.shape[0], step):
-                    x = quant.dequantize(np.array(rows[r0 : r0 + step]), cur.name, n)
+                # chunks never cross an expert (the imatrix is per expert)
+                per = shape[1] if len(shape) == 3 else rows.shape[0]
+                step = min(_max_rows(n, chunk_bytes), max(per, 1))
+                starts = [s for e0 in range(0, rows.shape[0], max(per, 1)) for s in range(e0, min(e0 + per, rows.shape[0]), step)]
+                for r0 in starts:
+                    r1 = min(r0 + step, (r0 // max(per, 1) + 1) * per, rows.shape[0])
+                    x = quant.dequantize(np.array(rows[r0:r1]), cur.name, n)
                     if not np.isfinite(x).all():
                         r = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
                         raise CorruptFile(f"{src}: tensor {name} row {r0 + r} holds NaN/Inf; llama.cpp cannot use it")
                     try:
-                        sw.write(encode(x, new, backend=backend, threads=threads))
+                        qw = _imatrix_for(imatrix, name, shape, new, r0)
+                        sw.write(encode(x, new, backend=backend, threads=threads, imatrix=qw))
                     except QuantError as e:
                         raise CorruptFile(f"{src}: tensor {name} row {r0} -> {new.name}: {e}") from None
-                    progress.advance(rows[r0 : r0 + step].nbytes)
+                    progress.advance(rows[r0:r1].nbytes)
             if mm is not None and hasattr(mm, "madvise"):
                 mm.madvise(mmap.MADV_DONTNEED)
         out = sw.close()

@@ -242,3 +242,65 @@ print(base, status("VmHWM"))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     base, peak = (int(x) for x in r.stdout.split())
     assert peak - base < 40e6, (base, peak, size)
+
+
+def _write_legacy_imatrix(path: Path, entries: dict[str, np.ndarray], ncall: int = 1) -> None:
+    """llama.cpp's legacy imatrix format (common_imatrix_load_legacy): int32 n; per entry
+    int32 len, name, int32 ncall, int32 nval, float32 values."""
+    import struct
+
+    out = [struct.pack("<i", len(entries))]
+    for name, vals in entries.items():
+        b = name.encode()
+        v = np.ascontiguousarray(vals, dtype=np.float32)
+        out += [struct.pack("<i", len(b)), b, struct.pack("<ii", ncall, v.size), v.tobytes()]
+    path.write_bytes(b"".join(out))
+
+
+def test_imatrix_matches_ggml_per_expert(models, converted, tmp_path):
+    """With --imatrix every quantized tensor equals ggml_quantize_chunk given llama-quantize's
+    quant_weights (the expert's slice for *_exps); quantize from BF16 gives the same file."""
+    oracle = pytest.importorskip("oracle")
+    m = open_model(models["fused"])
+    rng = np.random.default_rng(7)
+    entries = {}
+    for st in m.tensors:
+        if len(st.shape) >= 2 and not st.force_f32 and st.name != "token_embd.weight":
+            n_mat = st.shape[0] if len(st.shape) == 3 else 1
+            entries[st.name] = rng.gamma(2.0, 1.0, size=n_mat * st.shape[-1]).astype(np.float32)
+    imf = tmp_path / "imatrix.dat"
+    _write_legacy_imatrix(imf, entries)
+    out = tmp_path / "im.gguf"
+    r = run("convert", models["fused"], "-t", "Q4_K_M", "-o", out, "--imatrix", imf, "-q")
+    assert r.exit_code == 0, r.output
+    rd = _reader(out)
+    src = {t.name: t for t in m.tensors}
+    n_checked = 0
+    for ti in rd.tensors:
+        if ti.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16):
+            continue
+        st = src[ti.name]
+        x = st.read()
+        got = np.asarray(ti.data)
+        w = entries.get(ti.name)
+        if len(st.shape) == 3:
+            for e in range(st.shape[0]):
+                qw = None if w is None else w.reshape(st.shape[0], -1)[e]
+                want = oracle.ggml_quantize(x[e], ti.tensor_type.name, imatrix=qw)
+                assert np.array_equal(got.reshape(st.shape[0], *want.shape)[e], want), (ti.name, e)
+        else:
+            want = oracle.ggml_quantize(x, ti.tensor_type.name, imatrix=w)
+            assert np.array_equal(got.reshape(want.shape), want), ti.name
+        n_checked += 1
+    assert n_checked >= 15
+    plain = (converted["fused"] / "tiny-moe-Q4_K_M.gguf").read_bytes()
+    assert out.read_bytes() != plain  # the imatrix changed the data
+    keys = list(rd.fields)
+    assert keys[-4:] == [
+        "general.quantization_version", "general.file_type", "quantize.imatrix.file", "quantize.imatrix.entries_count"
+    ]  # fmt: skip
+    assert rd.fields["quantize.imatrix.entries_count"].contents() == len(entries)
+    out2 = tmp_path / "im2.gguf"
+    r = run("quantize", converted["fused"] / "tiny-moe-BF16.gguf", out2, "Q4_K_M", "--imatrix", imf, "-q")
+    assert r.exit_code == 0, r.output
+    assert out2.read_bytes() == out.read_bytes()
