@@ -288,3 +288,34 @@ def test_swapped_experts_are_detected_against_the_source(files, model, tmp_path)
 def test_missing_file_and_directory_are_usage_errors(tmp_path):
     assert run("validate", tmp_path / "nope.gguf").exit_code == 2
     assert run("validate", tmp_path).exit_code == 2
+
+
+def test_random_header_corruption_never_raises(files, tmp_path):
+    """Bytes flipped in the header (counts, lengths, types, dims, offsets) or a cut file:
+    always a report, never an exception; inspect fails only with a clean error."""
+    import random
+
+    from gguf_moe.errors import GgufMoeError
+
+    src = files["Q4_K_M"]
+    raw = src.read_bytes()
+    h = read_header(src)
+    n_failed = 0
+    for seed in range(60):
+        rnd = random.Random(seed)
+        b = bytearray(raw)
+        for _ in range(rnd.choice([1, 2, 4])):
+            pos = rnd.choice([rnd.randrange(0, 64), rnd.randrange(h.info_end - 1400, h.info_end),
+                              rnd.randrange(0, h.data_offset)])
+            b[pos] = rnd.randrange(256)
+        if seed % 5 == 0:
+            b = b[: rnd.randrange(len(b))]
+        p = tmp_path / "fz.gguf"
+        p.write_bytes(bytes(b))
+        rep = validate_file(p)
+        n_failed += not rep.ok
+        try:
+            inspect_file(p)
+        except GgufMoeError:
+            pass
+    assert n_failed >= 30, n_failed
