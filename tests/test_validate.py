@@ -318,4 +318,4 @@ def test_random_header_corruption_never_raises(files, tmp_path):
             inspect_file(p)
         except GgufMoeError:
             pass
-    assert n_failed >= 30, n_failed
+    assert n_failed >= 45, n_failed  # most are caught; the rest hit bytes that do not matter (e.g. token text)
