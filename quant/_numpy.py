@@ -369,6 +369,10 @@ def _q5_0(xg, qw):
 
 
 def _legacy_qx_impl(xg, qw, nmax):
+    """Shared part of ``quantize_row_q4_0_impl`` / ``_q5_0_impl`` for whole rows ``[R, n]``:
+    ``sigma2 = sum(x*x)/n`` per row, weights ``qw*sqrtf(sigma2 + x*x)``,
+    ``make_qx_quants(32, nmax, x, L, 1, weights)``.  Returns ``(fp16 d [B, 1], L [32, B])``.
+    """
     sigma2 = _row_sigma2(xg)  # [R]
     R, n = xg.shape
     nb = n // 32
