@@ -565,16 +565,17 @@ def _vocab_size(h: GGUFHeader, rep: Report, arch: str) -> int | None:
     if "tokenizer.ggml.model" not in h.kvs:
         rep.add("warning", "metadata", "no tokenizer (tokenizer.ggml.model missing): llama.cpp can quantize this file but not run it")
     if vs is not None and n_tok is not None and int(vs.value) != n_tok:
-        rep.add("error", "metadata", f"{arch}.vocab_size is {vs.value} but tokenizer.ggml.tokens has {n_tok} entries",
+        rep.add("warning", "metadata", f"{arch}.vocab_size is {vs.value} but tokenizer.ggml.tokens has {n_tok} entries "
+                "(llama.cpp sizes the vocabulary from the token list; other readers may use vocab_size)",
                 expected=n_tok, found=int(vs.value))
     for k in ("scores", "token_type"):
         a = h.kvs.get(f"tokenizer.ggml.{k}")
         if a is not None and n_tok is not None and len(a.value) != n_tok:
             rep.add("error", "metadata", f"tokenizer.ggml.{k} has {len(a.value)} entries, tokenizer.ggml.tokens {n_tok}",
                     expected=n_tok, found=len(a.value))
-    if vs is not None:
-        return int(vs.value)
-    return n_tok
+    if n_tok is not None:
+        return n_tok  # llama.cpp: n_vocab = vocab.n_tokens()
+    return int(vs.value) if vs is not None and vs.type == "u32" else None
 
 
 def _expected_llama_tensors(hp: dict, n_vocab: int | None) -> tuple[dict, dict]:

@@ -63,15 +63,16 @@ def patch_u32_kv(path: Path, key: str, value: int) -> None:
     patch(path, pos + 4, struct.pack("<I", value))
 
 
-def rewrite(src: Path, dst: Path, *, drop: set[str] = frozenset(), rename: dict[str, str] | None = None) -> Path:
-    """Copy a GGUF with gguf-py, leaving out or renaming tensors."""
+def rewrite(src: Path, dst: Path, *, drop: set[str] = frozenset(), rename: dict[str, str] | None = None,
+            kv: dict | None = None) -> Path:
+    """Copy a GGUF with gguf-py, leaving out or renaming tensors, replacing KV values."""
     r = GGUFReader(str(src))
     w = GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        w.add_key_value(key, (kv or {}).get(key, f.contents()), f.types[0], sub_type=sub)
     for t in r.tensors:
         if t.name in drop:
             continue
@@ -222,11 +223,16 @@ def test_expert_used_count_above_expert_count(files, tmp_path):
 
 
 def test_vocab_mismatch(files, tmp_path):
+    # token list shorter than token_embd/output: llama.cpp refuses (shapes come from the token list)
+    p = _corrupt("short_vocab", files, tmp_path)
+    n = read_header(files["Q8_0"]).kv("llama.vocab_size")
+    msgs = _expect_cli_error(p, f"token_embd.weight: has {n} rows but the vocabulary has {n - 1} tokens",
+                             f"output.weight: has {n} rows")
+    # only the vocab_size KV disagrees: llama.cpp ignores it when there is a token list -> warning
     p = copy(files["Q8_0"], tmp_path / "v.gguf")
-    n = read_header(p).kv("llama.vocab_size")
     patch_u32_kv(p, "llama.vocab_size", n + 1)
-    _expect_cli_error(p, f"vocab_size is {n + 1} but tokenizer.ggml.tokens has {n} entries",
-                      f"has {n} rows but the vocabulary has {n + 1} tokens")
+    rep = validate_file(p)
+    assert rep.ok and any(f"vocab_size is {n + 1} but tokenizer.ggml.tokens has {n}" in w.message for w in rep.warnings)
 
 
 def test_missing_and_unknown_tensors(files, tmp_path):
@@ -319,3 +325,76 @@ def test_random_header_corruption_never_raises(files, tmp_path):
         except GgufMoeError:
             pass
     assert n_failed >= 45, n_failed  # most are caught; the rest hit bytes that do not matter (e.g. token text)
+
+
+# --------------------------------------------------------------------------- agreement with llama.cpp's loader
+
+
+def _llama_cpp_loads(path: Path) -> bool:
+    """Load with the real llama.cpp (tensor data validation on); False if it refuses."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.check_tensors = True
+    m = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not m:
+        return False
+    llama_cpp.llama_model_free(m)
+    return True
+
+
+def _corrupt(kind: str, files, tmp: Path) -> Path:
+    if kind == "truncated":
+        p = copy(files["Q8_0"], tmp / "t.gguf")
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size - 1000)
+    elif kind == "bad_magic":
+        p = copy(files["Q8_0"], tmp / "m.gguf")
+        patch(p, 0, b"GGML")
+    elif kind == "nan_scale":
+        p = copy(files["Q4_K_M"], tmp / "n.gguf")
+        h = read_header(p)
+        t = next(t for t in h.tensors if t.type_id == T.Q4_K and len(t.ne) == 3)
+        patch(p, h.data_offset + t.offset + 3 * t.row_bytes + 144, struct.pack("<H", 0x7E00))
+    elif kind == "nan_bf16":
+        p = copy(files["BF16"], tmp / "b.gguf")
+        h = read_header(p)
+        t = next(t for t in h.tensors if t.type_id == T.BF16)
+        patch(p, h.data_offset + t.offset + 20, struct.pack("<H", 0x7FC0))
+    elif kind == "expert_count":
+        p = copy(files["Q4_K_M"], tmp / "e.gguf")
+        patch_u32_kv(p, "llama.expert_count", 8)
+    elif kind == "short_vocab":
+        r = GGUFReader(str(files["Q8_0"]))
+        short = {k: r.fields[f"tokenizer.ggml.{k}"].contents()[:-1] for k in ("tokens", "scores", "token_type")}
+        p = rewrite(files["Q8_0"], tmp / "sv.gguf", kv={f"tokenizer.ggml.{k}": v for k, v in short.items()})
+    elif kind == "missing_tensor":
+        p = rewrite(files["Q8_0"], tmp / "miss.gguf", drop={"blk.1.ffn_up_exps.weight"})
+    elif kind == "extra_layer":
+        p = rewrite(files["Q8_0"], tmp / "x.gguf", rename={"blk.1.attn_q.weight": "blk.2.attn_q.weight"})
+    elif kind == "overlap":
+        p = copy(files["Q8_0"], tmp / "o.gguf")
+        h = read_header(p)
+        patch(p, h.tensors[4].offset_pos, struct.pack("<Q", h.tensors[3].offset))
+    elif kind == "misaligned":
+        p = copy(files["Q8_0"], tmp / "a.gguf")
+        h = read_header(p)
+        patch(p, h.tensors[4].offset_pos, struct.pack("<Q", h.tensors[4].offset + 4))
+    else:
+        raise AssertionError(kind)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad_magic", "nan_scale", "nan_bf16", "expert_count", "short_vocab",
+                                  "missing_tensor", "extra_layer", "overlap", "misaligned"])
+def test_errors_are_files_llama_cpp_refuses(files, tmp_path, kind):
+    """Each corruption we call an error is one the real llama.cpp loader rejects too."""
+    p = _corrupt(kind, files, tmp_path)
+    assert not validate_file(p).ok
+    assert not _llama_cpp_loads(p)
+
+
+def test_good_files_load_in_llama_cpp(files):
+    for p in files.values():
+        assert validate_file(p).ok and _llama_cpp_loads(p)
