@@ -304,11 +304,8 @@ def normalize_hparams(config: dict, config_path: Path, *, moe: bool) -> dict[str
         raise ConfigError(f"{config_path}: rope_theta must be a number, found {theta!r}")
     hp["rope_theta"] = theta
     hp["rope_type"] = rope.get("rope_type")
-    if isinstance(hp["rope_type"], str) and hp["rope_type"].lower() == "llama3":
-        raise ConfigError(
-            f"{config_path}: rope_type 'llama3' (Llama 3.1-style scaling, which needs a generated rope_freqs tensor) "
-            "is not supported yet"
-        )
+    if hp["rope_type"] == "yarn" and rope.get("factor") is not None and rope.get("original_max_position_embeddings") is None:
+        raise ConfigError(f"{config_path}: yarn rope scaling needs original_max_position_embeddings; add it to rope_scaling")
     hp["sliding_window"] = config.get("sliding_window")
     hp["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     hp["dtype"] = config.get("dtype", config.get("torch_dtype"))
@@ -346,6 +343,7 @@ class SourceTensor:
     src_dtype: str
     pieces: tuple[_Piece, ...] = field(repr=False)
     head_rows: int | None = None  # Q/K: rows per head, permuted as llama.cpp expects
+    computed: np.ndarray | None = field(default=None, repr=False)  # generated, not read (rope_freqs)
 
     @property
     def n_rows(self) -> int:
@@ -365,6 +363,9 @@ class SourceTensor:
         return _DTYPES[self.src_dtype][1]
 
     def iter_chunks(self, max_rows: int) -> Iterator[np.ndarray]:
+        if self.computed is not None:
+            yield np.ascontiguousarray(self.computed, dtype=np.float32).reshape(-1, self.n_cols)
+            return
         step = max(1, int(max_rows))
         if self.head_rows:
             step = max(self.head_rows, step - step % self.head_rows)
@@ -511,6 +512,37 @@ def _build(
     )
 
 
+def _llama3_rope_factors(hp: dict) -> np.ndarray | None:
+    """Llama 3.1 rope scaling: llama.cpp's converter stores per-frequency factors as the
+    F32 tensor ``rope_freqs.weight`` (``LlamaModel.generate_extra_tensors``).  Computed in
+    float32 step by step as the converter's torch code does."""
+    rope = hp["rope"]
+    if not (isinstance(rope.get("rope_type"), str) and rope["rope_type"].lower() == "llama3"):
+        return None
+    f32 = np.float32
+    dim = hp["head_dim"]
+    base = f32(rope.get("rope_theta", 10000.0))
+    factor = rope.get("factor", 8.0)
+    low = rope.get("low_freq_factor", 1.0)
+    high = rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen = old_ctx / low  # Python floats, as upstream
+    high_wavelen = old_ctx / high
+    exps = np.arange(0, dim, 2, dtype=f32) / f32(dim)
+    freqs = f32(1.0) / np.power(base, exps, dtype=f32)
+    out = []
+    for freq in freqs:
+        wavelen = f32(2 * math.pi) / freq
+        if wavelen < high_wavelen:
+            out.append(f32(1))
+        elif wavelen > low_wavelen:
+            out.append(f32(factor))
+        else:
+            smooth = (f32(old_ctx) / wavelen - f32(low)) / f32(high - low)
+            out.append(f32(1) / ((f32(1) - smooth) / f32(factor) + smooth))
+    return np.array(out, dtype=f32)
+
+
 def open_model(src_dir: str | os.PathLike) -> SourceModel:
     """Read config.json and all safetensors headers of ``src_dir``; check everything that
     can be checked without reading weights."""
@@ -569,6 +601,13 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
         for s in {id(t.shard): t.shard for t in raw.values()}.values():
             s.close()
         raise
+    rope_freqs = _llama3_rope_factors(hp)
+    if rope_freqs is not None:
+        name, kind = archmod.gguf_name(spec.gguf_arch, hp["n_layer"], "rope_freqs")
+        tensors.append(
+            SourceTensor(name, rope_freqs.shape, kind, True, ("config.json rope_parameters (llama3)",), "F32", (),
+                         computed=rope_freqs)
+        )  # fmt: skip
     tensors.sort(key=lambda t: llama_sort_key(t.name))
     name = src.resolve().name
     return SourceModel(

@@ -209,3 +209,34 @@ def test_tied_embeddings_have_no_output_tensor(tmp_path):
     assert "output.weight" not in names and names[0] == "output_norm.weight"
     assert m.hparams["tie_word_embeddings"] is True
     shutil.rmtree(tmp_path / "src")
+
+
+@pytest.mark.skipif(not (LLAMA_CPP / "conversion" / "llama.py").is_file(), reason="llama.cpp converter not unpacked")
+def test_llama3_rope_freqs_match_llama_cpp(tmp_path):
+    """Llama 3.1 rope scaling adds rope_freqs.weight, bit-identical to the converter's."""
+    d = make_model(tmp_path / "l31", layout="legacy", seed=2, shards=1)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}  # fmt: skip
+    cfg["rope_scaling"] = rope
+    cfg["rope_theta"] = 500000.0
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = open_model(d)
+    t = {x.name: x for x in m.tensors}
+    assert [x.name for x in m.tensors][:4] == ["output.weight", "output_norm.weight", "rope_freqs.weight", "token_embd.weight"]
+    ours = t["rope_freqs.weight"].read()
+    assert ours.shape == (m.hparams["head_dim"] // 2,) and t["rope_freqs.weight"].force_f32
+    script = (
+        "import sys, types, numpy as np\n"
+        f"sys.path.insert(0, {str(LLAMA_CPP)!r})\n"
+        "from conversion.llama import LlamaModel\n"
+        f"ns = types.SimpleNamespace(rope_parameters={{**{rope!r}, 'rope_theta': 500000.0}},\n"
+        f"    hparams={{'hidden_size': {cfg['hidden_size']}, 'num_attention_heads': {cfg['num_attention_heads']}}},\n"
+        "    format_tensor_name=lambda *a, **k: 'rope_freqs.weight')\n"
+        "(name, t), = LlamaModel.generate_extra_tensors(ns)\n"
+        f"np.save({str(tmp_path / 'rf.npy')!r}, t.numpy())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    ref = np.load(tmp_path / "rf.npy")
+    assert ref.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert len(set(ref.tolist())) > 2  # the smooth band is exercised
