@@ -199,6 +199,45 @@ def test_realistic_weights_match_ggml(qtype):
         assert _blocks_differ(got, ref, qtype) == 0
 
 
+class _ExactnessAudit(torch.overrides.TorchFunctionMode):
+    """Records torch calls that would break bit-exactness on CUDA although they are exact on
+    CPU: divisions involving a Python number (CUDA multiplies by a rounded reciprocal),
+    reductions that reorder float sums, and fused multiply-add style ops."""
+
+    DIV = {"div", "div_", "__truediv__", "__rtruediv__", "__itruediv__", "true_divide", "reciprocal"}
+    FUSED = {"addcmul", "addcdiv", "lerp", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "cumsum", "logsumexp"}
+    FLOAT_SUMS = {"sum", "mean", "nansum", "prod", "std", "var"}
+
+    def __init__(self):
+        super().__init__()
+        self.bad: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        flat = list(args) + list(kwargs.values())
+        if name in self.DIV and any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in flat):
+            self.bad.append(f"{name} with a Python number")
+        if name in self.FUSED:
+            self.bad.append(name)
+        if name in self.FLOAT_SUMS and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            self.bad.append(f"{name} over floats")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_no_cuda_hazardous_ops(qtype):
+    """Guards the CUDA rules on a CPU-only machine: every division is tensor by tensor, no
+    float reductions that reorder sums, no fused ops (see the module docstring)."""
+    x = np.concatenate([_hazard_rows(256)[:12], weights.make("student_t", 4, 256, seed=1)])
+    qw = weights.imatrix(256, seed=2)
+    audit = _ExactnessAudit()
+    with audit:
+        for im in (None, qw):
+            T.quantize_rows(qtype, x, im, device="cpu")
+    assert not audit.bad, sorted(set(audit.bad))
+
+
 # --------------------------------------------------------------------------------------------
 # chunking, threads, devices, errors
 
