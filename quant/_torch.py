@@ -402,9 +402,10 @@ def _unpack_k_scales(q: torch.Tensor):
 
 
 def _zero_bad_blocks(q: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """Blocks [G, 32] whose scaled values are all inf/NaN (the reciprocal scale, or max-min,
-    overflowed: only for |x| below ~1e-38 or above ~1e38): C's float->int casts of inf/NaN
-    give INT_MIN on x86-64 (``cvttss2si``), whose low byte is 0, so every quant is 0."""
+    """Blocks [G, 32] where the reciprocal scale (or max-min) overflowed, which only happens
+    for |x| below ~1e-38 or above ~1e38: their scaled values are inf/NaN (or 0.5), and C's
+    float->int casts give INT_MIN for inf/NaN on x86-64 (``cvttss2si``), whose low byte is
+    0, so every quant of such a block is 0."""
     if bool(bad.any()):
         q = torch.where(bad[:, None], 0.0, q)
     return q
