@@ -166,6 +166,10 @@ def read_safetensors_header(path: Path) -> dict[str, RawTensor]:
                 "the header is inconsistent"
             )
         out[name] = RawTensor(name, shard, dtype, shape, data_start + begin, end - begin)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values() if t.nbytes)
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptFile(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; the header is inconsistent")
     return out
 
 

@@ -263,3 +263,22 @@ def test_incomplete_rope_scaling(model, tmp_path, extra):
     (d / "config.json").write_text(json.dumps(cfg))
     err = fail(d, tmp_path, extra=extra)
     assert "yarn" in err and "original_max_position_embeddings" in err
+
+
+def test_header_overlapping_tensors(model, tmp_path):
+    d = model()
+    s = _shards(d)[0]
+    raw = s.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    a, b = sorted(names, key=lambda k: header[k]["data_offsets"][0])[:2]
+    span = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+
+    def edit(h):  # b now starts inside a, same size
+        start = h[a]["data_offsets"][0] + 2
+        h[b]["data_offsets"] = [start, start + span]
+
+    _rewrite_header(s, edit)
+    err = fail(d, tmp_path)
+    assert "overlap" in err and a in err and b in err
