@@ -840,6 +840,16 @@ def _pack5(out, o, Lq, s, nl):
     out[o + 3] = (qh >> 24) & 0xFF
 
 
+@njit(inline="always", **_JIT)
+def _q_legacy(x, idv, off, qmax):
+    """``MIN(qmax, (int8_t)(x*id + off))`` stored as uint8, with x86-64 float->int rules."""
+    v = x * idv + off
+    ok = v >= F32(-2147483648.0) and v < _TWO31
+    c = np.int32(v) if ok else np.int32(_I32_MIN)
+    qq = np.int32(np.int8(c))  # low byte, signed (C's (int8_t) cast)
+    return np.int32(np.uint8(qq if qq < qmax else np.int32(qmax)))
+
+
 @njit(**_JIT)
 def _ref4_0_5_0(x, five, out):
     """Q4_0 / Q5_0 ``_ref``, block by block on the contiguous input (as the C loop)."""
@@ -857,23 +867,19 @@ def _ref4_0_5_0(x, five, out):
         for i in range(32):
             u = _f32_bits(x[o + i]) & np.int32(0x7FFFFFFF)
             m = u if u > m else m
-        mx = _Z
-        if m != 0:
-            for i in range(32):
-                if _f32_bits(x[o + i]) & np.int32(0x7FFFFFFF) == m:
-                    mx = x[o + i]
-                    break
+        first = 32
+        for i in range(32):
+            u = _f32_bits(x[o + i]) & np.int32(0x7FFFFFFF)
+            k = i if u == m else 32
+            first = k if k < first else first
+        mx = x[o + first] if m != 0 else _Z
         d = mx / dneg
         idv = _ONE / d if d != _Z else _Z
         ob = b * ts
         _put16(out, ob, _f16(d))
-        for i in range(32):
-            v = x[o + i] * idv + off
-            ok = v >= F32(-2147483648.0) and v < _TWO31
-            c = np.int32(v) if ok else np.int32(_I32_MIN)
-            qq = np.int32(np.int8(c))  # low byte, signed (C's (int8_t) cast)
-            q[i] = np.int32(np.uint8(qq if qq < qmax else np.int32(qmax)))
         if five:
+            for i in range(32):
+                q[i] = _q_legacy(x[o + i], idv, off, qmax)
             qh = 0
             for j in range(16):
                 out[ob + 6 + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
@@ -885,7 +891,9 @@ def _ref4_0_5_0(x, five, out):
             out[ob + 5] = (qh >> 24) & 0xFF
         else:
             for j in range(16):
-                out[ob + 2 + j] = (q[j] | (q[j + 16] << 4)) & 0xFF
+                q0 = _q_legacy(x[o + j], idv, off, qmax)
+                q1 = _q_legacy(x[o + 16 + j], idv, off, qmax)
+                out[ob + 2 + j] = np.uint8(q0 | (q1 << 4))
 
 
 @njit(**_JIT)
