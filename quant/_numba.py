@@ -766,7 +766,7 @@ def _kq6(x, n, qw, use_qw, out):
 
 
 @njit(**_JIT)
-def _kq8_0(x, n, qw, use_qw, out):
+def _kq8_0(x, out):
     """Q8_0 (``quantize_row_q8_0_ref``; imatrix ignored as in ggml).
 
     One block at a time (its 32 values are already contiguous).  The block maximum of
@@ -933,109 +933,53 @@ def _ref5_1(x, out):
 
 
 @njit(**_JIT)
-def _kq4_0_5_0(x, n, qw, use_qw, five, out):
-    """Q4_0 (five=False) / Q5_0 (five=True): ``_ref``, or ``_impl`` with quant weights."""
+def _kq4_0_5_0(x, n, qw, five, out):
+    """Q4_0 (five=False) / Q5_0 (five=True) ``_impl``: make_qx_quants with row-sigma2 weights.
+
+    ``x`` holds whole rows of length ``n``; ``qw`` the quant weights of one row.
+    """
     nblk = x.size // 32
     ts = 22 if five else 18
     buf = np.empty(_Q32SIZE, F32)
     Lq = np.empty(32 * _NL, np.int32)
     scales = np.empty(_NL, F32)
-    am = np.empty(_NL, F32)
-    mx = np.empty(_NL, F32)
-    idv = np.empty(_NL, F32)
     sig = np.empty(max(1, x.size // n), F32)
-    if use_qw:
-        _row_sigma2(x, n, sig)
-    dneg = F32(-16.0) if five else F32(-8.0)
-    off = F32(16.5) if five else F32(8.5)
-    qmax = 31 if five else 15
+    _row_sigma2(x, n, sig)
     for b0 in range(0, nblk, _NL):
         m = min(_NL, nblk - b0)
         _load(x, b0 * 32, m, 32, buf, 0, _NL)
-        if use_qw:
-            _legacy_weights(buf, qw, n, b0, sig, _NL)
-            _qx32(buf, 16 if five else 8, scales, Lq)
-            for s in range(m):
-                _put16(out, (b0 + s) * ts, _f16(scales[s]))
-        else:
-            for s in range(_NL):
-                am[s] = _Z
-                mx[s] = _Z
-            for i in range(32):
-                for s in range(_NL):
-                    v = buf[i * _NL + s]
-                    a = abs(v)
-                    c = am[s] < a
-                    am[s] = a if c else am[s]
-                    mx[s] = v if c else mx[s]
-            for s in range(m):
-                d = mx[s] / dneg
-                idv[s] = _ONE / d if d != _Z else _Z
-                _put16(out, (b0 + s) * ts, _f16(d))
-            for i in range(32):
-                for s in range(_NL):
-                    v = buf[i * _NL + s] * idv[s] + off
-                    ok = v >= F32(-2147483648.0) and v < _TWO31
-                    c = np.int32(v) if ok else np.int32(_I32_MIN)
-                    q = _s8(c)
-                    q = q if q < qmax else qmax
-                    Lq[i * _NL + s] = q & 0xFF
+        _legacy_weights(buf, qw, n, b0, sig, _NL)
+        _qx32(buf, 16 if five else 8, scales, Lq)
         for s in range(m):
-            o = (b0 + s) * ts + 2
+            o = (b0 + s) * ts
+            _put16(out, o, _f16(scales[s]))
             if five:
-                _pack5(out, o, Lq, s, _NL)
+                _pack5(out, o + 2, Lq, s, _NL)
             else:
                 for j in range(16):
-                    out[o + j] = (Lq[j * _NL + s] | (Lq[(j + 16) * _NL + s] << 4)) & 0xFF
+                    out[o + 2 + j] = (Lq[j * _NL + s] | (Lq[(j + 16) * _NL + s] << 4)) & 0xFF
 
 
 @njit(**_JIT)
-def _kq5_1(x, n, qw, use_qw, out):
-    """Q5_1: ``_ref``, or ``_impl`` (make_qkx3_quants with row-sigma2 weights)."""
+def _kq5_1(x, n, qw, out):
+    """Q5_1 ``_impl``: make_qkx3_quants(-0.9, 0.05, 36) with row-sigma2 weights, L stored as is."""
     nblk = x.size // 32
     buf = np.empty(_KSIZE, F32)
     Lq = np.empty(32 * _NK, np.int32)
     scales = np.empty(_NK, F32)
     mins = np.empty(_NK, F32)
-    mn = np.empty(_NK, F32)
-    mx = np.empty(_NK, F32)
-    idv = np.empty(_NK, F32)
     sig = np.empty(max(1, x.size // n), F32)
-    if use_qw:
-        _row_sigma2(x, n, sig)
+    _row_sigma2(x, n, sig)
     for b0 in range(0, nblk, _NK):
         m = min(_NK, nblk - b0)
         _load(x, b0 * 32, m, 32, buf, _KX, _NK)
-        if use_qw:
-            _legacy_weights(buf, qw, n, b0, sig, _NK)
-            _qkx_lanes(buf, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
-            for s in range(m):
-                o = (b0 + s) * 24
-                _put16(out, o, _f16(scales[s]))
-                _put16(out, o + 2, _f16(-mins[s]))
-        else:
-            for s in range(_NK):
-                mn[s] = _FLT_MAX
-                mx[s] = -_FLT_MAX
-            for i in range(32):
-                for s in range(_NK):
-                    v = buf[_KX + i * _NK + s]
-                    mn[s] = v if v < mn[s] else mn[s]
-                    mx[s] = v if v > mx[s] else mx[s]
-            for s in range(m):
-                d = (mx[s] - mn[s]) / F32(31.0)
-                idv[s] = _ONE / d if d != _Z else _Z
-                o = (b0 + s) * 24
-                _put16(out, o, _f16(d))
-                _put16(out, o + 2, _f16(mn[s]))
-            for i in range(32):
-                for s in range(_NK):
-                    v = (buf[_KX + i * _NK + s] - mn[s]) * idv[s] + _HALF
-                    ok = v >= F32(-2147483648.0) and v < _TWO31
-                    c = np.int32(v) if ok else np.int32(_I32_MIN)
-                    Lq[i * _NK + s] = c & 0xFF
+        _legacy_weights(buf, qw, n, b0, sig, _NK)
+        _qkx_lanes(buf, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
         for s in range(m):
-            _pack5(out, (b0 + s) * 24 + 4, Lq, s, _NK)
+            o = (b0 + s) * 24
+            _put16(out, o, _f16(scales[s]))
+            _put16(out, o + 2, _f16(-mins[s]))
+            _pack5(out, o + 4, Lq, s, _NK)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -1075,18 +1019,16 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
     elif name == "Q6_K":
         _kq6(x, n, qw, use_qw, out)
     elif name == "Q8_0":
-        _kq8_0(x, n, qw, False, out)
+        _kq8_0(x, out)
     elif not use_qw:
         if name == "Q5_1":
             _ref5_1(x, out)
         else:
             _ref4_0_5_0(x, name == "Q5_0", out)
-    elif name == "Q4_0":
-        _kq4_0_5_0(x, n, qw, use_qw, False, out)
-    elif name == "Q5_0":
-        _kq4_0_5_0(x, n, qw, use_qw, True, out)
+    elif name == "Q5_1":
+        _kq5_1(x, n, qw, out)
     else:
-        _kq5_1(x, n, qw, use_qw, out)
+        _kq4_0_5_0(x, n, qw, name == "Q5_0", out)
 
 
 def quantize_rows(name: str, x: np.ndarray, qw: np.ndarray | None, threads: int | None = None) -> np.ndarray:
