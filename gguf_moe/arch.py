@@ -18,6 +18,12 @@ Mixtral checkpoints come in two layouts, both accepted:
 
 Both produce the same ``blk.{L}.ffn_{gate,up,down}_exps.weight`` tensors, experts
 stacked on the slowest axis (numpy ``[E, out, in]``).
+
+Qwen2-MoE (``Qwen2MoeForCausalLM``, what mergekit-moe writes for Qwen bases) becomes GGUF
+``qwen2moe`` as in llama.cpp's ``Qwen2MoeModel``: no Q/K permutation (NEOX rotary), Q/K/V
+biases, routed experts in either layout, plus a shared expert
+(``mlp.shared_expert.*`` -> ``ffn_*_shexp``, ``mlp.shared_expert_gate`` ->
+``ffn_gate_inp_shexp``).
 """
 
 from __future__ import annotations
@@ -84,12 +90,19 @@ class BlockLayout:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """A Hugging Face architecture we convert, and the GGUF architecture it becomes."""
+    """A Hugging Face architecture we convert, and the GGUF architecture it becomes.
+
+    ``expert_count_keys`` / ``expert_ff_key`` / ``shared_ff_key``: the config.json keys for
+    the number of experts, the routed experts' and the shared expert's hidden size
+    (``None``: the architecture has no such thing / uses ``intermediate_size``)."""
 
     hf_arch: str
     gguf_arch: MODEL_ARCH
     globals: tuple[TensorRule, ...]
     layouts: tuple[str, ...]  # keys of BLOCK_LAYOUTS, tried in order
+    expert_count_keys: tuple[str, ...] = ("num_local_experts",)
+    expert_ff_key: str | None = None
+    shared_ff_key: str | None = None
 
 
 _ATTN = (
@@ -111,21 +124,21 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
             TensorRule("model.layers.{L}.mlp.gate.weight", ("n_expert", "n_embd")),
             TensorRule(
                 "model.layers.{L}.mlp.experts.gate_up_proj",
-                ("n_expert", "n_ff", "n_embd"),
+                ("n_expert", "n_ff_exp", "n_embd"),
                 kind="fused_experts",
                 part=(0, 2),
                 map_as="model.layers.{L}.mlp.experts.gate_proj",
             ),
             TensorRule(
                 "model.layers.{L}.mlp.experts.gate_up_proj",
-                ("n_expert", "n_ff", "n_embd"),
+                ("n_expert", "n_ff_exp", "n_embd"),
                 kind="fused_experts",
                 part=(1, 2),
                 map_as="model.layers.{L}.mlp.experts.up_proj",
             ),
             TensorRule(
                 "model.layers.{L}.mlp.experts.down_proj",
-                ("n_expert", "n_embd", "n_ff"),
+                ("n_expert", "n_embd", "n_ff_exp"),
                 kind="fused_experts",
                 part=(0, 1),
                 map_as="model.layers.{L}.mlp.experts.down_proj",
@@ -141,19 +154,19 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
             TensorRule("model.layers.{L}.block_sparse_moe.gate.weight", ("n_expert", "n_embd")),
             TensorRule(
                 "model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight",
-                ("n_expert", "n_ff", "n_embd"),
+                ("n_expert", "n_ff_exp", "n_embd"),
                 kind="experts",
                 map_as="model.layers.{L}.block_sparse_moe.experts.w1",
             ),
             TensorRule(
                 "model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight",
-                ("n_expert", "n_ff", "n_embd"),
+                ("n_expert", "n_ff_exp", "n_embd"),
                 kind="experts",
                 map_as="model.layers.{L}.block_sparse_moe.experts.w3",
             ),
             TensorRule(
                 "model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight",
-                ("n_expert", "n_embd", "n_ff"),
+                ("n_expert", "n_embd", "n_ff_exp"),
                 kind="experts",
                 map_as="model.layers.{L}.block_sparse_moe.experts.w2",
             ),
@@ -172,6 +185,50 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
     ),
 }
 
+_QWEN_ATTN = (
+    TensorRule("model.layers.{L}.input_layernorm.weight", ("n_embd",)),
+    TensorRule("model.layers.{L}.self_attn.q_proj.weight", ("n_q", "n_embd")),
+    TensorRule("model.layers.{L}.self_attn.q_proj.bias", ("n_q",), optional=True),
+    TensorRule("model.layers.{L}.self_attn.k_proj.weight", ("n_kv", "n_embd")),
+    TensorRule("model.layers.{L}.self_attn.k_proj.bias", ("n_kv",), optional=True),
+    TensorRule("model.layers.{L}.self_attn.v_proj.weight", ("n_kv", "n_embd")),
+    TensorRule("model.layers.{L}.self_attn.v_proj.bias", ("n_kv",), optional=True),
+    TensorRule("model.layers.{L}.self_attn.o_proj.weight", ("n_embd", "n_q")),
+    TensorRule("model.layers.{L}.post_attention_layernorm.weight", ("n_embd",)),
+    TensorRule("model.layers.{L}.mlp.gate.weight", ("n_expert", "n_embd")),
+    TensorRule("model.layers.{L}.mlp.shared_expert.gate_proj.weight", ("n_ff_shexp", "n_embd")),
+    TensorRule("model.layers.{L}.mlp.shared_expert.up_proj.weight", ("n_ff_shexp", "n_embd")),
+    TensorRule("model.layers.{L}.mlp.shared_expert.down_proj.weight", ("n_embd", "n_ff_shexp")),
+    TensorRule("model.layers.{L}.mlp.shared_expert_gate.weight", ("one", "n_embd")),
+)
+
+BLOCK_LAYOUTS["qwen2moe_fused"] = BlockLayout(
+    name="qwen2moe_fused",
+    detect="model.layers.{L}.mlp.experts.gate_up_proj",
+    moe=True,
+    rules=_QWEN_ATTN
+    + tuple(r for r in BLOCK_LAYOUTS["moe_fused"].rules if r.kind == "fused_experts"),
+)
+BLOCK_LAYOUTS["qwen2moe_legacy"] = BlockLayout(
+    name="qwen2moe_legacy",
+    detect="model.layers.{L}.mlp.experts.0.gate_proj.weight",
+    moe=True,
+    rules=_QWEN_ATTN
+    + tuple(
+        TensorRule(
+            f"model.layers.{{L}}.mlp.experts.{{E}}.{proj}.weight",
+            shape,
+            kind="experts",
+            map_as=f"model.layers.{{L}}.mlp.experts.{proj}",
+        )
+        for proj, shape in (
+            ("gate_proj", ("n_expert", "n_ff_exp", "n_embd")),
+            ("up_proj", ("n_expert", "n_ff_exp", "n_embd")),
+            ("down_proj", ("n_expert", "n_embd", "n_ff_exp")),
+        )
+    ),
+)
+
 _LLAMA_GLOBALS = (
     TensorRule("model.embed_tokens.weight", ("n_vocab", "n_embd")),
     TensorRule("model.norm.weight", ("n_embd",)),
@@ -185,6 +242,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("MixtralForCausalLM", MODEL_ARCH.LLAMA, _LLAMA_GLOBALS, ("moe_fused", "moe_legacy")),
         ArchSpec("MistralForCausalLM", MODEL_ARCH.LLAMA, _LLAMA_GLOBALS, ("dense",)),
         ArchSpec("LlamaForCausalLM", MODEL_ARCH.LLAMA, _LLAMA_GLOBALS, ("dense",)),
+        ArchSpec(
+            "Qwen2MoeForCausalLM",
+            MODEL_ARCH.QWEN2MOE,
+            _LLAMA_GLOBALS,
+            ("qwen2moe_fused", "qwen2moe_legacy"),
+            expert_count_keys=("num_experts",),
+            expert_ff_key="moe_intermediate_size",
+            shared_ff_key="shared_expert_intermediate_size",
+        ),
     )
 }
 
@@ -195,6 +261,7 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attentio
 F32_TENSORS = frozenset(
     {
         MODEL_TENSOR.FFN_GATE_INP,
+        MODEL_TENSOR.FFN_GATE_INP_SHEXP,
         MODEL_TENSOR.ATTN_NORM,
         MODEL_TENSOR.FFN_NORM,
         MODEL_TENSOR.OUTPUT_NORM,
@@ -213,12 +280,12 @@ def tensor_name_map(arch: MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
 
 
 def gguf_name(arch: MODEL_ARCH, n_blocks: int, hf_name: str) -> tuple[str, MODEL_TENSOR] | None:
-    """(GGUF name with ``.weight``, tensor kind) for a Hugging Face name, or None."""
-    key = hf_name.removesuffix(".weight")
-    hit = tensor_name_map(arch, n_blocks).get_type_and_name(key, try_suffixes=(".weight",))
+    """(GGUF name with ``.weight``/``.bias``, tensor kind) for a Hugging Face name, or None.
+    Names without a suffix (stacked experts) get ``.weight``."""
+    tmap = tensor_name_map(arch, n_blocks)
+    suffixed = hf_name.endswith((".weight", ".bias"))
+    hit = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias") if suffixed else ())
     if hit is None:
         return None
     kind, name = hit
-    if not name.endswith(".weight"):
-        name += ".weight"
-    return name, kind
+    return (name if suffixed else name + ".weight"), kind

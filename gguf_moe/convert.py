@@ -142,11 +142,20 @@ def make_writer(
     """A ``GGUFWriter`` holding the tensor infos and every KV of ``out`` (nothing written)."""
     w = gguf.GGUFWriter(None, model.arch)
     for t in out.tensors:
-        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+        w.add_tensor_info(t.name, _file_shape(t.shape, out.preset), np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
     add_model_metadata(w, model, out.preset, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tokenizer)
     if imatrix is not None and not out.preset.is_float:
         add_imatrix_kvs(w, imatrix)
     return w
+
+
+def _file_shape(shape: tuple[int, ...], preset: Preset) -> tuple[int, ...]:
+    """The shape stored in the tensor info.  The converter (float types, gguf-py) keeps
+    every dimension; llama-quantize writes ``ggml_n_dims`` dimensions, dropping trailing
+    1s of ``ne`` (e.g. ``ffn_gate_inp_shexp`` ``[n_embd, 1]`` becomes ``[n_embd]``)."""
+    if preset.is_float:
+        return shape
+    return shape[len(shape) - n_dims(shape) :]
 
 
 def add_imatrix_kvs(w: gguf.GGUFWriter, im: Imatrix) -> None:

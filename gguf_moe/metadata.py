@@ -134,8 +134,8 @@ def _model_card(model: SourceModel, total: tuple[int, int, int, int], recipe: di
 
 
 def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
-    """``TextModel.set_gguf_parameters`` + ``LlamaModel.set_gguf_parameters``, in order;
-    optional keys only when config.json has them (as the converter does)."""
+    """``TextModel.set_gguf_parameters`` + ``LlamaModel`` / ``Qwen2MoeModel``'s additions,
+    in order; optional keys only when config.json has them (as the converter does)."""
     cfg, hp = model.config, model.hparams
     w.add_block_count(hp["n_layer"])
     if cfg.get("max_position_embeddings") is not None:
@@ -179,8 +179,14 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
     w.add_file_type(file_type)
-    w.add_vocab_size(hp["vocab_size"])
-    w.add_rope_dimension_count(hp["head_dim"])
+    if model.gguf_arch == gguf.MODEL_ARCH.LLAMA:
+        w.add_vocab_size(hp["vocab_size"])
+        w.add_rope_dimension_count(hp["head_dim"])
+    elif model.gguf_arch == gguf.MODEL_ARCH.QWEN2MOE:
+        if cfg.get("moe_intermediate_size") is not None:
+            w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
+        if cfg.get("shared_expert_intermediate_size") is not None:
+            w.add_expert_shared_feed_forward_length(int(cfg["shared_expert_intermediate_size"]))
 
 
 def _move_to_end(w: gguf.GGUFWriter, key: str) -> None:
@@ -220,6 +226,8 @@ def add_model_metadata(
     if tokenizer is None:
         tokenizer = tokenizer_kvs(model, pre_tokenizer)
     for key, val in tokenizer.items():
+        if key == Keys.Tokenizer.ADD_PREFIX and model.gguf_arch != gguf.MODEL_ARCH.LLAMA:
+            continue  # only LlamaModel.set_vocab writes it
         w.add_key_value(key, val.value, val.type, sub_type=val.sub_type)
     if rec is not None:
         for key, val, vtype, sub in recipe_kvs(rec):

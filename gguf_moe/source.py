@@ -244,7 +244,7 @@ def _rope(config: dict) -> dict:
     return params
 
 
-def normalize_hparams(config: dict, config_path: Path, *, moe: bool) -> dict[str, Any]:
+def normalize_hparams(config: dict, config_path: Path, *, moe: bool, spec: archmod.ArchSpec | None = None) -> dict[str, Any]:
     """The numbers the conversion needs, under short names, checked."""
 
     def need(key: str, *alts: str) -> int:
@@ -289,9 +289,21 @@ def normalize_hparams(config: dict, config_path: Path, *, moe: bool) -> dict[str
     hp["head_dim"] = hd
     hp["n_q"] = hp["n_head"] * hd
     hp["n_kv"] = hp["n_head_kv"] * hd
+    hp["one"] = 1
+    hp["n_ff_exp"] = hp["n_ff"]
     if moe:
-        hp["n_expert"] = need("num_local_experts")
+        keys = spec.expert_count_keys if spec is not None else ("num_local_experts",)
+        hp["n_expert"] = need(*keys)
         hp["n_expert_used"] = need("num_experts_per_tok")
+        if spec is not None and spec.expert_ff_key:
+            hp["n_ff_exp"] = need(spec.expert_ff_key)
+        if spec is not None and spec.shared_ff_key:
+            hp["n_ff_shexp"] = need(spec.shared_ff_key)
+        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+            raise ConfigError(
+                f"{config_path}: decoder_sparse_step/mlp_only_layers make some layers dense; "
+                "only models with experts in every layer are supported"
+            )
         if hp["n_expert_used"] > hp["n_expert"]:
             raise ConfigError(
                 f"{config_path}: num_experts_per_tok {hp['n_expert_used']} exceeds num_local_experts {hp['n_expert']}"
@@ -580,7 +592,7 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
     if layout is None:
         tried = ", ".join(archmod.BLOCK_LAYOUTS[k].detect.format(L=0) for k in spec.layouts)
         raise MissingTensor(f"{src}: no tensor of block 0 found for {hf_arch} (looked for {tried}); is the checkpoint complete?")
-    hp = normalize_hparams(config, config_path, moe=layout.moe)
+    hp = normalize_hparams(config, config_path, moe=layout.moe, spec=spec)
     try:
         tensors: list[SourceTensor] = []
         used: set[str] = set()
@@ -605,7 +617,7 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
         for s in {id(t.shard): t.shard for t in raw.values()}.values():
             s.close()
         raise
-    rope_freqs = _llama3_rope_factors(hp)
+    rope_freqs = _llama3_rope_factors(hp) if spec.gguf_arch == MODEL_ARCH.LLAMA else None
     if rope_freqs is not None:
         name, kind = archmod.gguf_name(spec.gguf_arch, hp["n_layer"], "rope_freqs")
         tensors.append(
