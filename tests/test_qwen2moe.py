@@ -204,3 +204,8 @@ def test_direct_quantization_equals_llama_quantize(qwen, ref_bf16, tmp_path, pre
         assert types["blk.0.ffn_down_exps.weight"] in ("Q5_0", "Q8_0")
         assert types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
     assert ours.read_bytes() == theirs.read_bytes()
+    # GGUF -> GGUF from llama.cpp's own BF16 file, too
+    requant = tmp_path / "requant.gguf"
+    r = CliRunner().invoke(main, ["quantize", str(ref_bf16), str(requant), preset, "-q"])
+    assert r.exit_code == 0, r.output
+    assert requant.read_bytes() == theirs.read_bytes()
