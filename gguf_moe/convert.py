@@ -355,6 +355,9 @@ def requantize(
     w.add_file_type(pre.file_type)
     if imatrix is not None:
         add_imatrix_kvs(w, imatrix)
+    align = fields.get(gguf.Keys.General.ALIGNMENT)
+    if align is not None:  # the copied key must describe the file we write
+        w.data_alignment = int(align.contents())
 
     plan: list[tuple[str, tuple[int, ...], T, T, object]] = []
     for name, shape, rt in infos:
