@@ -265,12 +265,15 @@ def convert(
             row = 0
             for chunk in st.iter_chunks(_max_rows(st.n_cols, chunk_bytes)):
                 _check_finite(chunk, st, row)
+                encoded: dict[T, np.ndarray] = {}  # outputs wanting the same type share the bytes
                 for w, t in zip(writers, types):
-                    try:
-                        qw = _imatrix_for(imatrix, st.name, st.shape, t, row)
-                        w.write(encode(chunk, t, backend=backend, threads=threads, imatrix=qw))
-                    except QuantError as e:
-                        raise CorruptFile(f"{_where(st, row)} -> {t.name}: {e}") from None
+                    if t not in encoded:
+                        try:
+                            qw = _imatrix_for(imatrix, st.name, st.shape, t, row)
+                            encoded[t] = encode(chunk, t, backend=backend, threads=threads, imatrix=qw)
+                        except QuantError as e:
+                            raise CorruptFile(f"{_where(st, row)} -> {t.name}: {e}") from None
+                    w.write(encoded[t])
                 row += len(chunk)
                 progress.advance(chunk.size * st.src_itemsize)
         done = [w.close() for w in writers]
