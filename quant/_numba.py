@@ -9,7 +9,8 @@ Same contract as ``quant._numpy.quantize_rows`` (the readable reference), built 
   the buffer independent and turns those loops into SIMD code without runtime alias checks;
   the branches of the C code become per-lane selects.  Each lane still does exactly the
   float32 operations of its C block, in the same order (sequential sums over the in-block
-  index).  Q8_0 needs no search and works block by block on the contiguous input.
+  index).  Q8_0 and the Q4_0/Q5_0/Q5_1 reference paths need no search and work block
+  by block on the contiguous input.
 * **No FMA, no fast-math.**  Kernels are compiled with ``fastmath=False``; LLVM then never
   contracts ``a*b + c`` (the x86-64 ``ggml-base`` build does not either).  Checked by the
   byte comparisons against ggml in the tests.
@@ -984,7 +985,7 @@ def _kq5_1(x, n, qw, out):
 
 # --------------------------------------------------------------------------- dispatch
 
-# name -> (block size, type size, unit of work without imatrix)
+# name -> (block size, type size in bytes)
 _SPECS = {
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
