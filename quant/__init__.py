@@ -22,6 +22,7 @@ ggml's defined paths where possible; see docs/quant.md.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -144,11 +145,25 @@ def _default_backend() -> str:
     env = os.environ.get("GGUF_MOE_QUANT_BACKEND")
     if env:
         return env
-    avail = available_backends()
-    for pref in ("torch:cuda", "numba", "numpy"):
-        if pref in avail:
-            return pref
+    # torch costs hundreds of MB and seconds to import: only consider it where a GPU exists.
+    if _has_nvidia_device() and importlib.util.find_spec("torch") is not None:
+        try:
+            mod, _ = _backend("torch")
+            if "cuda" in mod.DEVICES():
+                return "torch:cuda"
+        except QuantError:
+            pass
+    for name in ("numba", "numpy"):
+        try:
+            _backend(name)
+            return name
+        except QuantError:
+            continue
     return "numpy"
+
+
+def _has_nvidia_device() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/gpus")
 
 
 def _check_finite(x: np.ndarray) -> None:
