@@ -39,3 +39,63 @@ def ggml_quantize(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) 
     size = _f(int(t), x.ctypes.data, out.ctypes.data, 0, nrows, n, None if qw is None else qw.ctypes.data)
     assert size == out.nbytes, (size, out.nbytes)
     return out
+
+
+# --- whole files: llama.cpp's converter and llama_model_quantize --------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import llama_cpp  # noqa: E402
+
+#: llama.cpp's own converter, unpacked from the same sdist by ``scripts/setup.sh --dev``.
+LLAMA_CPP_REF = Path(__file__).resolve().parents[1] / ".cache" / "llama.cpp"
+CONVERTER = LLAMA_CPP_REF / "convert_hf_to_gguf.py"
+
+
+def run_hf_converter(src: Path, out: Path, outtype: str = "bf16", *, pre_tokenizer: str | None = None) -> None:
+    """Run ``convert_hf_to_gguf.py SRC --outtype OUTTYPE --outfile OUT`` with its own gguf-py.
+
+    ``pre_tokenizer`` forces the BPE pre-tokenizer name: the converter recognizes them only
+    by hashing the token ids of published tokenizers, which synthetic vocabularies are not.
+    """
+    assert CONVERTER.is_file(), f"{CONVERTER} missing: run scripts/setup.sh --dev"
+    script = "import runpy, sys\n"
+    if pre_tokenizer:
+        script += (
+            "import conversion.base as base\n"
+            f"base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre_tokenizer!r}\n"
+        )
+    script += (
+        f"sys.argv = [{str(CONVERTER)!r}, {str(src)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r}]\n"
+        f"runpy.run_path({str(CONVERTER)!r}, run_name='__main__')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(LLAMA_CPP_REF / "gguf-py"), str(LLAMA_CPP_REF)]))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def llama_model_quantize(src: Path, dst: Path, ftype: int, *, imatrix: dict | None = None, nthread: int = 2) -> None:
+    """The real llama-quantize on a whole file (``ftype`` = llama_ftype number).
+
+    ``imatrix``: {tensor name: float32 weights}, as llama-quantize passes them after loading
+    an imatrix file; an empty dict still makes llama.cpp apply its "has imatrix" rules.
+    """
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = nthread
+    keep = []
+    if imatrix is not None:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, w) in enumerate(imatrix.items()):
+            w = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+            keep += [name.encode(), w]
+            arr[i].name = keep[-2]
+            arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = w.size
+        keep.append(arr)
+        params.imatrix = arr
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize({Path(src).name} -> ftype {ftype}) failed"

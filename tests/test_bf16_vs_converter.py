@@ -14,10 +14,7 @@ license, tags, languages and base models become general.* keys).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +22,12 @@ import pytest
 
 import gguf
 from gguf_moe.synth import make_model
+from oracle import run_hf_converter
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
-REF = REPO / ".cache" / "llama.cpp"
-CONVERTER = REF / "convert_hf_to_gguf.py"
 
-pytestmark = pytest.mark.skipif(
-    not CONVERTER.is_file(), reason="llama.cpp converter not unpacked (run scripts/setup.sh --dev)"
-)
 
 # keys our converter adds on purpose (the mergekit-moe recipe), absent from llama.cpp's output
 EXTRA_KEYS = re.compile(r"^(moe\.|general\.base_model\.)")
@@ -49,16 +41,7 @@ CASES = {
 
 
 def run_reference(src: Path, out: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REF / "gguf-py"), str(REF)])
-    res = subprocess.run(
-        [sys.executable, str(CONVERTER), str(src), "--outtype", "bf16", "--outfile", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_hf_converter(src, out, "bf16")
 
 
 def run_ours(src: Path, out: Path) -> None:

@@ -94,3 +94,72 @@ def test_size_mismatch_and_bad_files(tmp_path):
     write_legacy_imatrix(nan, {"blk.0.attn_q.weight": (np.array([1.0, np.nan] * 128), 1)})
     with pytest.raises(CorruptFile, match="non-finite"):
         load_imatrix(nan)
+
+
+# --- whole files: convert --imatrix vs the real llama_model_quantize given the same weights --
+
+IM_PRESETS = ["Q4_K_M", "Q5_K_S", "Q6_K", "Q5_0"]
+
+
+def test_convert_with_imatrix_equals_llama_quantize(tmp_path):
+    """``convert -t ... --imatrix FILE`` (one pass, GGUF imatrix with per-expert counts, one
+    expert never routed to) gives the tensors llama-quantize writes from the BF16 file when
+    handed the weights it derives from that file (normalized here independently)."""
+    from click.testing import CliRunner
+
+    from gguf_moe.cli import main
+    from gguf_moe.presets import PRESETS
+    from gguf_moe.synth import make_model
+    from oracle import llama_model_quantize
+
+    src = make_model(tmp_path / "im-moe", layout="fused", n_layer=2, n_expert=4, duplicate_expert=True, seed=5)
+    run = CliRunner().invoke
+    r = run(main, ["convert", str(src), "-t", "BF16", "-o", str(tmp_path / "bf16.gguf"), "-q"])
+    assert r.exit_code == 0, r.output
+    bf16 = gguf.GGUFReader(tmp_path / "bf16.gguf")
+
+    rng = np.random.default_rng(7)
+    entries, weights = {}, {}
+    for t in bf16.tensors:
+        if len(t.shape) < 2 or "norm" in t.name or "ffn_gate_inp" in t.name:
+            continue
+        ne0 = int(t.shape[0])
+        n_mat = int(t.shape[2]) if len(t.shape) == 3 else 1
+        sums = (rng.gamma(0.8, 2.0, size=(n_mat, ne0)) * rng.choice([1e-3, 1.0, 30.0], size=(n_mat, ne0), p=[0.1, 0.8, 0.1])).astype(np.float32)
+        sums[:, rng.integers(0, ne0, size=3)] = 0  # dead input channels
+        counts = rng.integers(1, 5000, size=n_mat).astype(np.float32)
+        if n_mat > 1:
+            counts[1] = 0  # an expert never routed to: llama-quantize uses all-ones weights
+        entries[t.name] = (sums, counts)
+        w = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None].astype(np.float32), np.float32(1))
+        weights[t.name] = w.astype(np.float32)
+    im = tmp_path / "imatrix.gguf"
+    write_gguf_imatrix(im, entries)
+
+    args = ["convert", str(src), "--outdir", str(tmp_path / "direct"), "--imatrix", str(im), "-q"]
+    for p in IM_PRESETS:
+        args += ["-t", p]
+    r = run(main, args)
+    assert r.exit_code == 0, r.output
+
+    compared = 0
+    for p in IM_PRESETS:
+        ref = tmp_path / f"ref-{p}.gguf"
+        llama_model_quantize(tmp_path / "bf16.gguf", ref, PRESETS[p].file_type, imatrix=weights)
+        ours = gguf.GGUFReader(next((tmp_path / "direct").glob(f"*-{p}.gguf")))
+        theirs = gguf.GGUFReader(ref)
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert a.tensor_type == b.tensor_type, (p, a.name)
+            assert a.data.tobytes() == b.data.tobytes(), f"{p}: {a.name} differs from llama-quantize"
+            compared += 1
+        keys = dict((k, f.contents()) for k, f in ours.fields.items())
+        assert keys["quantize.imatrix.entries_count"] == len(entries)
+        assert keys["quantize.imatrix.chunks_count"] == 7
+    assert compared == len(IM_PRESETS) * len(ours.tensors)
+
+    # and the imatrix changed the bytes (the weights are not ignored)
+    r = run(main, ["convert", str(src), "-t", "Q4_K_M", "-o", str(tmp_path / "plain.gguf"), "-q"])
+    plain = {t.name: t.data.tobytes() for t in gguf.GGUFReader(tmp_path / "plain.gguf").tensors}
+    ours = {t.name: t.data.tobytes() for t in gguf.GGUFReader(next((tmp_path / "direct").glob("*-Q4_K_M.gguf"))).tensors}
+    assert ours["blk.0.ffn_up_exps.weight"] != plain["blk.0.ffn_up_exps.weight"]

@@ -8,7 +8,6 @@ tensor, and ``llama_sort_key`` must give llama.cpp's tensor order.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import llama_cpp
@@ -19,6 +18,7 @@ from gguf import GGUFReader, GGUFWriter
 
 from gguf_moe.errors import GgufMoeError
 from gguf_moe.presets import PRESETS, choose_types, get_preset, layer_of, llama_sort_key, n_dims
+from oracle import llama_model_quantize
 
 QUANT_PRESETS = ["Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_1"]
 
@@ -104,17 +104,9 @@ def write_f32_gguf(path: Path, tensors, *, n_layer: int, n_expert: int, n_head=4
 
 def llama_quantize(src: Path, dst: Path, preset: str, *, imatrix: bool = False) -> dict[str, T]:
     """Run the real llama.cpp quantizer; returns {name: type} in file order."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
-    params.nthread = 1
-    keep = None
-    if imatrix:
-        # An empty (terminator-only) list: llama.cpp then behaves as "has an imatrix"
-        # for type selection, while every tensor is quantized without weights.
-        keep = (llama_cpp.llama_model_imatrix_data * 1)()
-        params.imatrix = keep
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed for {preset}"
+    # An empty imatrix list: llama.cpp then applies its "has an imatrix" type rules, while
+    # every tensor is quantized without weights.
+    llama_model_quantize(src, dst, getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}"), imatrix={} if imatrix else None, nthread=1)
     r = GGUFReader(str(dst))
     return {t.name: T(t.tensor_type) for t in r.tensors}
 

@@ -5,12 +5,8 @@ direct ``-t Q4_K_M`` / ``Q8_0`` vs that BF16 file through the real ``llama_model
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -22,14 +18,11 @@ from gguf_moe.cli import main
 from gguf_moe.presets import PRESETS
 from gguf_moe.source import open_model
 from gguf_moe.synth import make_model
+from oracle import llama_model_quantize, run_hf_converter
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
-REF = REPO / ".cache" / "llama.cpp"
-CONVERTER = REF / "convert_hf_to_gguf.py"
-pytestmark = pytest.mark.skipif(not CONVERTER.is_file(), reason="llama.cpp converter not unpacked")
 
 DIMS = dict(n_layer=2, hidden=256, n_head=4, n_kv=2, n_expert=4, top_k=2, ff=512, ff_exp=320, ff_sh=512)
 
@@ -113,25 +106,11 @@ def run_reference(src: Path, out: Path) -> None:
     """convert_hf_to_gguf.py, told the BPE pre-tokenizer: it recognizes pre-tokenizers by
     hashing the token ids of real tokenizers, and the synthetic one has the Llama 3 split
     ("llama-bpe", what gguf_moe.tokenizer detects) but its own vocabulary."""
-    script = (
-        "import runpy, sys\n"
-        "import conversion.base as base\n"
-        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'\n"
-        f"sys.argv = [{str(CONVERTER)!r}, {str(src)!r}, '--outtype', 'bf16', '--outfile', {str(out)!r}]\n"
-        f"runpy.run_path({str(CONVERTER)!r}, run_name='__main__')\n"
-    )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REF / "gguf-py"), str(REF)]))
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_hf_converter(src, out, "bf16", pre_tokenizer="llama-bpe")
 
 
 def llama_quantize(src: Path, dst: Path, preset: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = PRESETS[preset].file_type
-    params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    llama_model_quantize(src, dst, PRESETS[preset].file_type)
 
 
 def kvs(path: Path) -> list[tuple[str, object]]:

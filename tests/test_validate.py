@@ -164,13 +164,13 @@ def test_truncated_data(files, tmp_path):
     size = p.stat().st_size
     with open(p, "r+b") as f:
         f.truncate(size - 1000)
-    msgs = _expect_cli_error(p, "truncated", "blk.1")
+    _expect_cli_error(p, "truncated", "blk.1")
 
 
 def test_truncated_header_is_a_finding_not_a_traceback(files, tmp_path):
     p = tmp_path / "h.gguf"
     p.write_bytes(files["Q8_0"].read_bytes()[:700])
-    msgs = _expect_cli_error(p, "file ends at byte 700")
+    _expect_cli_error(p, "file ends at byte 700")
     r = run("inspect", p)
     assert r.exit_code == 1 and "validate" in r.output and "Traceback" not in r.output
 
@@ -226,7 +226,7 @@ def test_vocab_mismatch(files, tmp_path):
     # token list shorter than token_embd/output: llama.cpp refuses (shapes come from the token list)
     p = _corrupt("short_vocab", files, tmp_path)
     n = read_header(files["Q8_0"]).kv("llama.vocab_size")
-    msgs = _expect_cli_error(p, f"token_embd.weight: has {n} rows but the vocabulary has {n - 1} tokens",
+    _expect_cli_error(p, f"token_embd.weight: has {n} rows but the vocabulary has {n - 1} tokens",
                              f"output.weight: has {n} rows")
     # only the vocab_size KV disagrees: llama.cpp ignores it when there is a token list -> warning
     p = copy(files["Q8_0"], tmp_path / "v.gguf")
@@ -288,7 +288,7 @@ def test_swapped_experts_are_detected_against_the_source(files, model, tmp_path)
     raw[0:per], raw[per : 2 * per] = raw[per : 2 * per], raw[0:per]
     patch(p, base, bytes(raw))
     assert validate_file(p).ok
-    msgs = _expect_cli_error(p, "blk.1.ffn_gate_exps.weight: block-relative RMS error", args=("--source", model))
+    _expect_cli_error(p, "blk.1.ffn_gate_exps.weight: block-relative RMS error", args=("--source", model))
 
 
 def test_missing_file_and_directory_are_usage_errors(tmp_path):

@@ -9,11 +9,9 @@ same shapes, types and bytes, the same KV list, and finally the same file, byte 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -22,6 +20,7 @@ from gguf_moe.cli import main
 from gguf_moe.presets import PRESETS, llama_sort_key
 from gguf_moe.synth import make_model
 from gguf_moe.validate import read_header
+from oracle import llama_model_quantize
 
 QUANTS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_S", "Q5_K_S"]
 
@@ -38,11 +37,7 @@ TOTALS = {"files": 0, "tensors": 0, "bytes": 0, "mismatches": 0}
 
 
 def llama_quantize(src: Path, dst: Path, preset: str) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = PRESETS[preset].file_type
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize({src.name} -> {preset}) failed"
+    llama_model_quantize(src, dst, PRESETS[preset].file_type)
 
 
 def convert(src: Path, outdir: Path, presets) -> dict[str, Path]:
