@@ -1137,23 +1137,32 @@ def _print_report(con, rep: Report, deep: bool) -> None:
             tab.add_row(f"[{_STYLE[f.severity]}]{f.severity}[/]", f.check, f.tensor or "", msg)
         con.print(tab)
     stats = {n: st for n, st in rep.tensors.items() if "rms" in st or "source" in st}
-    if stats:
-        tab = Table(title="per-tensor results", expand=False)
-        for col in ("tensor", "type", "min", "max", "mean", "std", "vs source"):
-            tab.add_column(col, overflow="fold")
-        for n, st in stats.items():
-            def g(k):
-                v = st.get(k)
-                return f"{v:.4g}" if isinstance(v, (int, float)) else ""
-            src = st.get("source") or {}
-            if "rel_rms" in src:
-                vs = f"{src['rel_rms']:.3g} (bound {src['bound']:.3g})" if src.get("bound") else f"{src['rel_rms']:.3g}"
-            elif "exact" in src:
-                vs = "exact" if src["exact"] else f"{src['mismatches']} mismatches"
-            else:
-                vs = ""
-            tab.add_row(n, st.get("type", ""), g("min"), g("max"), g("mean"), g("std"), vs)
-        con.print(tab)
+    if not stats:
+        return
+
+    def num(st, k):
+        v = st.get(k)
+        return f"{v:.4g}" if isinstance(v, (int, float)) else ""
+
+    def vs_source(st):
+        src = st.get("source") or {}
+        if "rel_rms" in src:
+            return f"{src['rel_rms']:.3g} (bound {src['bound']:.3g})" if src.get("bound") else f"{src['rel_rms']:.3g}"
+        if "exact" in src:
+            return "exact" if src["exact"] else f"{src['mismatches']} mismatches"
+        return ""
+
+    columns = {"tensor": lambda n, st: n, "type": lambda n, st: st.get("type", "")}
+    columns |= {k: (lambda n, st, k=k: num(st, k)) for k in ("min", "max", "mean", "std")}
+    columns["vs source"] = lambda n, st: vs_source(st)
+    rows = [[f(n, st) for f in columns.values()] for n, st in stats.items()]
+    keep = [i for i, col in enumerate(columns) if any(r[i] for r in rows)]  # drop empty columns
+    tab = Table(title="per-tensor results", expand=False)
+    for i in keep:
+        tab.add_column(list(columns)[i], overflow="fold")
+    for r in rows:
+        tab.add_row(*(r[i] for i in keep))
+    con.print(tab)
 
 
 @click.command("validate")
