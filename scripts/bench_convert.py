@@ -7,9 +7,12 @@ conversion as a subprocess and measures its wall time and peak RSS (``os.wait4``
 process stays small, since Linux reports a child's peak RSS as at least the parent's):
 
 * llama.cpp ``convert_hf_to_gguf.py --outtype bf16`` and ``--outtype q8_0``;
-* ``gguf-moe convert -t BF16``, ``-t Q8_0``, and ``-t BF16 -t Q8_0 -t Q4_K_M`` in one pass.
+* llama.cpp ``llama_model_quantize`` (llama-quantize) of that BF16 file to Q4_K_M and Q5_K_M,
+  the two-pass route users take today;
+* ``gguf-moe convert -t BF16``, ``-t Q8_0``, ``-t Q4_K_M -t Q5_K_M`` and
+  ``-t BF16 -t Q8_0 -t Q4_K_M``, each in one pass.
 
-It also checks that gguf-moe's BF16 and Q8_0 tensors are byte-identical to llama.cpp's
+It also checks that gguf-moe's BF16, Q8_0, Q4_K_M and Q5_K_M tensors are byte-identical to llama.cpp's
 (tensor by tensor; the two tools write tensors in different orders).  Generated models and
 outputs are deleted at the end (``--keep`` keeps them).
 
@@ -52,6 +55,15 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int]
         tail = log.read_text(errors="replace")[-2000:]
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{tail}")
     return wall, ru.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+
+LLAMA_QUANTIZE = (
+    "import sys, ctypes, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+    "p.ftype = int(sys.argv[3]); p.nthread = 0; "
+    "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
+)
+# what users run today: convert to BF16, then llama-quantize once per preset
+TWO_PASS = ("Q4_K_M", "Q5_K_M")
 
 
 def generate(dst: Path, n_layer: int, log: Path) -> tuple[float, int]:
@@ -138,7 +150,13 @@ def main() -> None:
                 for t in ("bf16", "q8_0"):
                     jobs.append(("llama.cpp convert_hf_to_gguf.py", t.upper(),
                                  [PY, str(LLAMA_CONVERT), str(src), "--outtype", t, "--outfile", str(out / f"llama-{t}.gguf")]))
-            for ts in (["BF16"], ["Q8_0"], ["BF16", "Q8_0", "Q4_K_M"]):
+                from gguf_moe.presets import PRESETS
+
+                for t in TWO_PASS:
+                    jobs.append(("llama.cpp llama-quantize (BF16 in)", t,
+                                 [PY, "-c", LLAMA_QUANTIZE, str(out / "llama-bf16.gguf"), str(out / f"llama-{t}.gguf"),
+                                  str(PRESETS[t].file_type)]))
+            for ts in (["BF16"], ["Q8_0"], list(TWO_PASS), ["BF16", "Q8_0", "Q4_K_M"]):
                 d = out / ("gm-" + "-".join(ts))
                 cmd = [PY, "-m", "gguf_moe", "convert", str(src), "--outdir", str(d)]
                 for t in ts:
@@ -149,8 +167,10 @@ def main() -> None:
                 rows.append((size, params, src_bytes, tool, outputs, wall, rss))
                 print(f"[{size}] {tool:32s} {outputs:22s} {wall:8.1f} s  peak RSS {rss / 2**20:8.0f} MiB", flush=True)
             if not args.skip_llama:
-                for t, sub in (("bf16", "gm-BF16"), ("q8_0", "gm-Q8_0")):
-                    mine = next((out / sub).glob("*.gguf"))
+                pairs = [("bf16", "gm-BF16", "*.gguf"), ("q8_0", "gm-Q8_0", "*.gguf")]
+                pairs += [(t, "gm-" + "-".join(TWO_PASS), f"*-{t}.gguf") for t in TWO_PASS]
+                for t, sub, pattern in pairs:
+                    mine = next((out / sub).glob(pattern))
                     # in a child process: touching GBs of data here would raise this process's
                     # RSS, and Linux reports a child's peak RSS as at least its parent's at fork
                     res = subprocess.run([PY, __file__, "--compare", str(mine), str(out / f"llama-{t}.gguf")],
@@ -178,6 +198,9 @@ def main() -> None:
         base = ref.get((size, outputs))
         if tool.startswith("gguf-moe") and base is not None:
             ratio = f"{base[5] / wall:.2f}x faster" if wall < base[5] else f"{wall / base[5]:.2f}x slower"
+        elif tool.startswith("gguf-moe") and outputs == " + ".join(TWO_PASS) and all((size, o) in ref for o in ("BF16",) + TWO_PASS):
+            tot = sum(ref[(size, o)][5] for o in ("BF16",) + TWO_PASS)
+            ratio = f"{tot / wall:.2f}x faster than llama.cpp convert BF16 + {len(TWO_PASS)} llama-quantize runs ({tot:.1f} s)"
         elif tool.startswith("gguf-moe") and outputs.count("+") and all((size, o) in ref for o in ("BF16", "Q8_0")):
             tot = ref[(size, "BF16")][5] + ref[(size, "Q8_0")][5]
             ratio = f"{tot / wall:.2f}x vs llama.cpp BF16+Q8_0 runs (no Q4_K_M there)"
@@ -189,7 +212,7 @@ def main() -> None:
         print()
         for size, t, n, nb, bad in checks:
             verdict = "identical" if not bad else f"{len(bad)} DIFFER (e.g. {bad[0]})"
-            print(f"{size} {t}: gguf-moe vs llama.cpp converter, {n} tensors / {nb:,} bytes compared: {verdict}")
+            print(f"{size} {t}: gguf-moe vs llama.cpp, {n} tensors / {nb:,} bytes compared: {verdict}")
     gm: dict[str, list] = {}
     for r in rows:
         if r[3].startswith("gguf-moe"):
