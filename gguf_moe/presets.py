@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+import quant
 from gguf_moe.errors import GgufMoeError
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "n_dims",
     "choose_types",
     "allows_quantization",
+    "writable",
 ]
 
 
@@ -57,7 +59,12 @@ PRESETS: dict[str, Preset] = {
         Preset("Q8_0", 7, T.Q8_0),
         Preset("Q4_0", 2, T.Q4_0),
         Preset("Q5_0", 8, T.Q5_0),
+        Preset("Q4_1", 3, T.Q4_1),
         Preset("Q5_1", 9, T.Q5_1),
+        Preset("Q2_K", 10, T.Q2_K),
+        Preset("Q3_K_S", 11, T.Q3_K),
+        Preset("Q3_K_M", 12, T.Q3_K),
+        Preset("Q3_K_L", 13, T.Q3_K),
         Preset("Q4_K_S", 14, T.Q4_K),
         Preset("Q4_K_M", 15, T.Q4_K),
         Preset("Q5_K_S", 16, T.Q5_K),
@@ -67,8 +74,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str | Preset) -> Preset:
-    """Look a preset up by name, case-insensitively (``q4_k_m`` works)."""
+def writable(t: T) -> bool:
+    """Can gguf-moe write tensors of ggml type ``t`` (is it in ``quant.QTYPES``)?"""
+    return t.name in quant.QTYPES
+
+
+def _lookup(name: str | Preset) -> Preset:
     if isinstance(name, Preset):
         return name
     key = str(name).strip().upper()
@@ -76,6 +87,21 @@ def get_preset(name: str | Preset) -> Preset:
         return PRESETS[key]
     except KeyError:
         raise GgufMoeError(f"unknown output type {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def get_preset(name: str | Preset) -> Preset:
+    """Look a preset up by name, case-insensitively (``q4_k_m`` works).
+
+    A preset whose main type has no quantizer in ``quant`` is an error here, so a command
+    line naming it fails before any work is done."""
+    p = _lookup(name)
+    if not writable(p.default):
+        usable = ", ".join(n for n, q in PRESETS.items() if writable(q.default))
+        raise GgufMoeError(
+            f"output type {p.name} needs the {p.default.name} quantizer, which this version of gguf-moe lacks; "
+            f"choose one of: {usable}"
+        )
+    return p
 
 
 # ``sscanf(name, "blk.%d.", &layer)``: %d skips C whitespace and takes an optional sign.
@@ -230,7 +256,9 @@ def _fallback(name: str, ne0: int, t: T) -> T:
 
 
 class _State:
-    def __init__(self, n_attention_wv: int, n_layer: int, n_expert: int, tied: bool, is_70b: bool, has_imatrix: bool):
+    def __init__(
+        self, n_attention_wv: int, n_layer: int, n_expert: int, tied: bool, is_70b: bool, has_imatrix: bool, n_gqa: int
+    ):
         self.n_attention_wv = n_attention_wv
         self.i_attention_wv = 0
         self.n_layer = n_layer
@@ -239,6 +267,7 @@ class _State:
         self.tied = tied
         self.is_70b = is_70b
         self.has_imatrix = has_imatrix
+        self.n_gqa = n_gqa
 
     def layer(self, cat: str, name: str) -> int:
         """``layer_info``: the name's block number for MoE models, else a running counter."""
@@ -252,8 +281,49 @@ class _State:
         return self.i_ffn[cat]
 
 
+# attn_output -> Q5_K with exactly 8 experts (llama.cpp's list, restricted to our presets).
+_ATTN_OUTPUT_8X = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
+# attn_output without 8 experts.
+_ATTN_OUTPUT = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}
+
+
+def _attn_v(st: _State, preset: str, t: T) -> T:
+    if preset == "Q2_K":
+        t = T.Q4_K if st.n_gqa >= 4 else T.Q3_K
+    elif preset == "Q3_K_M":
+        t = T.Q5_K if st.i_attention_wv < 2 else T.Q4_K
+    elif preset == "Q3_K_L":
+        t = T.Q5_K
+    elif preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(st.i_attention_wv, st.n_attention_wv):
+        t = T.Q6_K
+    elif preset == "Q4_K_S" and st.i_attention_wv < 4:
+        t = T.Q5_K
+    if st.is_70b and t in (T.Q3_K, T.Q4_K):
+        t = T.Q5_K
+    if st.n_expert == 8:
+        t = T.Q8_0
+    return t
+
+
+def _ffn_down(st: _State, preset: str, i: int, n: int, t: T) -> T:
+    if preset == "Q2_K":
+        return T.Q3_K
+    if preset == "Q3_K_M":
+        return T.Q5_K if i < n // 16 else T.Q4_K  # Q3_K only for falcon's other layers
+    if preset == "Q3_K_L":
+        return T.Q5_K
+    if preset in ("Q4_K_M", "Q5_K_M"):
+        return T.Q6_K if _use_more_bits(i, n) else t
+    if preset == "Q4_K_S":
+        return T.Q5_K if i < n // 8 else t
+    if preset in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
+        return T.Q4_1 if preset == "Q4_0" else T.Q5_1
+    return t
+
+
 def _impl(st: _State, preset: str, name: str, ne0: int, cat: str, t: T) -> T:
-    """``llama_tensor_get_type_impl`` for the presets in PRESETS (k-quant and legacy quants)."""
+    """``llama_tensor_get_type_impl`` for the presets in PRESETS (k-quant and legacy quants),
+    for the architectures gguf-moe writes (llama.cpp's Falcon-only variants are left out)."""
     if cat == "output" or (st.tied and cat == "token_embd"):
         if ne0 % _blck(t) != 0:
             return T.Q8_0
@@ -261,14 +331,7 @@ def _impl(st: _State, preset: str, name: str, ne0: int, cat: str, t: T) -> T:
     if cat == "token_embd":
         return t  # only IQ/TQ presets change the untied embedding
     if cat == "attn_v":
-        if preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(st.i_attention_wv, st.n_attention_wv):
-            t = T.Q6_K
-        elif preset == "Q4_K_S" and st.i_attention_wv < 4:
-            t = T.Q5_K
-        if st.is_70b and t in (T.Q3_K, T.Q4_K):
-            t = T.Q5_K
-        if st.n_expert == 8:
-            t = T.Q8_0
+        t = _attn_v(st, preset, t)
         st.i_attention_wv += 1
         return t
     if cat == "attn_k":
@@ -276,28 +339,27 @@ def _impl(st: _State, preset: str, name: str, ne0: int, cat: str, t: T) -> T:
     if cat == "attn_q":
         return t
     if cat == "ffn_down":
-        i = st.layer(cat, name)
-        n = st.n_layer
-        if preset == "Q4_K_M":
-            if _use_more_bits(i, n):
-                t = T.Q6_K
-        elif preset == "Q5_K_M" and _use_more_bits(i, n):
-            t = T.Q6_K
-        elif preset == "Q4_K_S" and i < n // 8:
-            t = T.Q5_K
-        elif preset in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
-            t = T.Q4_1 if preset == "Q4_0" else T.Q5_1
+        t = _ffn_down(st, preset, st.layer(cat, name), st.n_layer, t)
         st.i_ffn[cat] += 1
         return t
     if cat == "attn_output":
-        if st.n_expert == 8 and preset in ("Q4_K_S", "Q4_K_M"):
-            return T.Q5_K
-        return t
+        if st.n_expert == 8:
+            return T.Q5_K if preset in _ATTN_OUTPUT_8X else t
+        return _ATTN_OUTPUT.get(preset, t)
     if cat in ("ffn_gate", "ffn_up"):
         st.layer(cat, name)  # validates the name like llama.cpp does
         st.i_ffn[cat] += 1
         return t
     return t
+
+
+def _gqa_from_shapes(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """n_head / n_head_kv from layer 0's attn_q / attn_k rows (same head size), if present."""
+    q = shapes.get("blk.0.attn_q.weight")
+    k = shapes.get("blk.0.attn_k.weight")
+    if q is None or k is None or len(q) < 2 or len(k) < 2 or k[-2] == 0:
+        return None
+    return q[-2] // k[-2]
 
 
 def choose_types(
@@ -310,18 +372,21 @@ def choose_types(
     arch: str = "llama",
     n_head: int | None = None,
     n_head_kv: int | None = None,
+    require_writable: bool = True,
 ) -> dict[str, T]:
     """The ggml type of every tensor under ``preset``.
 
     ``tensors``: (GGUF name, numpy-order shape) for every tensor of the model, any order
     (llama.cpp's counters run in sorted order; we sort here).  ``n_expert``: expert_count
     (0 or 1 for dense models); ``n_layer``: block_count.  ``has_imatrix`` only changes
-    ffn_down of the first n_layer/8 layers for Q4_0/Q5_0.  ``n_head``/``n_head_kv`` only
-    matter for llama's 80-layer GQA ("70B") rule; if omitted they are inferred from the
-    attn_q/attn_k shapes.  Tensors llama.cpp never quantizes (1-D, norms, the MoE router)
-    come back as F32.
+    ffn_down of the first n_layer/8 layers for Q4_0/Q5_0 (to Q4_1/Q5_1).
+    ``n_head``/``n_head_kv`` matter for Q2_K's attn_v (``n_head / n_head_kv >= 4``) and
+    llama's 80-layer GQA ("70B") rule; if omitted they are inferred from the attn_q/attn_k
+    shapes.  Tensors llama.cpp never quantizes (1-D, norms, the MoE router) come back as
+    F32.  With ``require_writable`` (the default), a type gguf-moe has no quantizer for is a
+    GgufMoeError naming the first such tensor; pass False to only ask what llama.cpp picks.
     """
-    p = get_preset(preset)
+    p = _lookup(preset)
     names = [n for n, _ in tensors]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -334,6 +399,11 @@ def choose_types(
     order = sorted(names, key=llama_sort_key)
     cats = {n: _category(n) for n in order}
     tied = "output.weight" not in shapes
+    if n_head is not None and n_head_kv is not None:
+        n_gqa = int(n_head) // int(n_head_kv) if n_head_kv else 0
+    else:
+        g = _gqa_from_shapes(shapes)
+        n_gqa = 1 if g is None else g
     is_70b = False
     if arch == "llama" and n_layer == 80 and n_expert != 8:
         if n_head is None or n_head_kv is None:
@@ -349,6 +419,7 @@ def choose_types(
         tied=tied,
         is_70b=is_70b,
         has_imatrix=has_imatrix,
+        n_gqa=n_gqa,
     )
     out: dict[str, T] = {}
     for n in order:
@@ -359,10 +430,10 @@ def choose_types(
         ne0 = shape[-1]
         t = _impl(st, p.name, n, ne0, cats[n], p.default)
         t = _fallback(n, ne0, t)
-        if t == T.Q4_1:
+        if require_writable and not writable(t):
             raise GgufMoeError(
-                f"{n}: {p.name} with an imatrix makes llama.cpp use Q4_1 for this tensor, "
-                "which gguf-moe does not write; use Q4_K_S/Q4_K_M or drop the imatrix"
+                f"{n}: {p.name}{' with an imatrix' if has_imatrix else ''} makes llama.cpp use {t.name} for this "
+                f"tensor, and this version of gguf-moe has no {t.name} quantizer; choose another output type"
             )
         out[n] = t
     return {n: out[n] for n in names}

@@ -16,11 +16,21 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 
+import quant
 from gguf_moe.errors import GgufMoeError
-from gguf_moe.presets import PRESETS, choose_types, get_preset, layer_of, llama_sort_key, n_dims
+from gguf_moe.presets import PRESETS, choose_types, get_preset, layer_of, llama_sort_key, n_dims, writable
 from oracle import llama_model_quantize
 
-QUANT_PRESETS = ["Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_1"]
+QUANT_PRESETS = [
+    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_1",
+    "Q4_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+]  # fmt: skip
+
+
+def types_of(preset, tensors, **kw) -> dict[str, T]:
+    """``choose_types`` as a question about llama.cpp's choice, whether or not ``quant`` can
+    write every type yet."""
+    return choose_types(preset, tensors, require_writable=False, **kw)
 
 
 # --------------------------------------------------------------------------- model specs
@@ -151,7 +161,7 @@ def f32_models(tmp_path_factory):
 def test_types_and_order_match_llama_quantize(f32_models, tmp_path, model, preset):
     tensors, n_layer, n_expert, _ = MODELS[model]
     got = llama_quantize(f32_models[model], tmp_path / "out.gguf", preset)
-    ours = choose_types(preset, tensors, n_expert=n_expert, n_layer=n_layer)
+    ours = types_of(preset, tensors, n_expert=n_expert, n_layer=n_layer)
     assert set(ours) == set(got)
     diff = {n: (ours[n].name, got[n].name) for n in got if ours[n] != got[n]}
     assert not diff, f"{preset} {model}: (ours, llama.cpp) differ for {len(diff)} tensors: {dict(list(diff.items())[:8])}"
@@ -174,35 +184,92 @@ def test_fallback_model_really_falls_back(f32_models, tmp_path):
     assert t["blk.0.ffn_up_exps.weight"] == T.Q5_0
 
 
-@pytest.mark.parametrize("preset", ["Q5_0", "Q4_K_M"])
-def test_imatrix_rule_matches_llama_quantize(f32_models, tmp_path, preset):
-    tensors, n_layer, n_expert, _ = MODELS["moe4_l32"]
-    got = llama_quantize(f32_models["moe4_l32"], tmp_path / "out.gguf", preset, imatrix=True)
-    ours = choose_types(preset, tensors, n_expert=n_expert, n_layer=n_layer, has_imatrix=True)
+@pytest.mark.parametrize("model", ["moe8_l32", "moe4_l32", "dense_l24"])
+@pytest.mark.parametrize("preset", ["Q5_0", "Q4_0", "Q4_K_M", "Q4_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L"])
+def test_imatrix_rule_matches_llama_quantize(f32_models, tmp_path, preset, model):
+    tensors, n_layer, n_expert, _ = MODELS[model]
+    got = llama_quantize(f32_models[model], tmp_path / "out.gguf", preset, imatrix=True)
+    ours = types_of(preset, tensors, n_expert=n_expert, n_layer=n_layer, has_imatrix=True)
     assert ours == got
-    if preset == "Q5_0":
-        assert got["blk.0.ffn_down_exps.weight"] == T.Q5_1 and got["blk.4.ffn_down_exps.weight"] == T.Q5_0
+    down = "ffn_down_exps" if n_expert > 1 else "ffn_down"
+    first, later = f"blk.0.{down}.weight", f"blk.{n_layer // 8}.{down}.weight"
+    if preset in ("Q4_0", "Q5_0"):  # the only presets an imatrix changes
+        bumped = T.Q4_1 if preset == "Q4_0" else T.Q5_1
+        assert got[first] == bumped and got[later] == PRESETS[preset].default
+    else:
+        assert types_of(preset, tensors, n_expert=n_expert, n_layer=n_layer) == got
 
 
-def test_q4_0_with_imatrix_needs_q4_1_which_we_refuse():
+def test_q4_0_with_imatrix_needs_q4_1():
+    """Writable once ``quant`` has Q4_1; until then a clear error naming the type."""
     tensors, n_layer, n_expert, _ = MODELS["moe4_l32"]
+    if writable(T.Q4_1):
+        t = choose_types("Q4_0", tensors, n_expert=n_expert, n_layer=n_layer, has_imatrix=True)
+        assert [t[f"blk.{i}.ffn_down_exps.weight"] for i in range(5)] == [T.Q4_1] * 4 + [T.Q4_0]
+    else:
+        with pytest.raises(GgufMoeError, match=r"blk\.0\.ffn_down_exps\.weight: Q4_0 with an imatrix .* Q4_1"):
+            choose_types("Q4_0", tensors, n_expert=n_expert, n_layer=n_layer, has_imatrix=True)
+
+
+def test_types_without_a_quantizer_are_clear_errors(monkeypatch):
+    """A preset (or one tensor's type) that ``quant`` cannot write fails up front, by name."""
+    for name in ("Q3_K", "Q4_1"):
+        monkeypatch.delitem(quant.QTYPES, name, raising=False)
+    with pytest.raises(GgufMoeError, match="Q3_K_M needs the Q3_K quantizer") as e:
+        get_preset("q3_k_m")
+    assert "Q4_K_M" in str(e.value) and "Q3_K_S" not in str(e.value).split("choose one of:")[1]
+    tensors, n_layer, n_expert, _ = MODELS["moe4_l32"]
+    if writable(T.Q2_K):  # Q2_K itself is fine, but its attn_output and ffn_down are Q3_K
+        with pytest.raises(GgufMoeError, match=r"blk\.0\.attn_output\.weight: Q2_K makes llama.cpp use Q3_K"):
+            choose_types("Q2_K", tensors, n_expert=n_expert, n_layer=n_layer)
+    with pytest.raises(GgufMoeError, match="Q3_K"):
+        choose_types("Q3_K_L", tensors, n_expert=n_expert, n_layer=n_layer)
     with pytest.raises(GgufMoeError, match="Q4_1"):
         choose_types("Q4_0", tensors, n_expert=n_expert, n_layer=n_layer, has_imatrix=True)
+    assert choose_types("Q4_0", tensors, n_expert=n_expert, n_layer=n_layer)["blk.0.ffn_down_exps.weight"] == T.Q4_0
+
+
+def test_cli_refuses_a_preset_without_quantizer(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from gguf_moe.cli import main
+
+    monkeypatch.delitem(quant.QTYPES, "Q3_K", raising=False)
+    r = CliRunner().invoke(main, ["convert", str(tmp_path), "-t", "Q3_K_M"])
+    assert r.exit_code == 2 and "Q3_K_M needs the Q3_K quantizer" in r.output
+
+
+@pytest.mark.parametrize("n_expert", [4, 8])
+@pytest.mark.parametrize("n_head,n_head_kv", [(8, 2), (8, 4), (8, 1)])
+def test_gqa_rule_matches_llama_quantize(tmp_path, n_expert, n_head, n_head_kv):
+    """Q2_K's attn_v: Q4_K when n_head / n_head_kv >= 4, else Q3_K (8 experts: Q8_0)."""
+    tensors = llama_tensors(8, n_expert, q_rows=2 * n_head, kv_rows=2 * n_head_kv)
+    src = write_f32_gguf(tmp_path / "gqa.gguf", tensors, n_layer=8, n_expert=n_expert, n_head=n_head, n_head_kv=n_head_kv)
+    for preset in ("Q2_K", "Q3_K_S", "Q3_K_M"):
+        got = llama_quantize(src, tmp_path / f"{preset}.gguf", preset)
+        explicit = types_of(preset, tensors, n_expert=n_expert, n_layer=8, n_head=n_head, n_head_kv=n_head_kv)
+        inferred = types_of(preset, tensors, n_expert=n_expert, n_layer=8)
+        assert explicit == got and inferred == got, preset
+    want = T.Q8_0 if n_expert == 8 else T.Q4_K if n_head // n_head_kv >= 4 else T.Q3_K
+    assert types_of("Q2_K", tensors, n_expert=n_expert, n_layer=8)["blk.5.attn_v.weight"] == want
 
 
 @pytest.mark.parametrize("gqa", [True, False])
 def test_70b_rule_matches_llama_quantize(tmp_path, gqa):
     """llama with 80 layers and GQA is LLM_TYPE_70B: attn_v Q4_K -> Q5_K (not for 65B)."""
     n_head, n_head_kv = (8, 2) if gqa else (8, 8)
-    tensors = llama_tensors(80, 0, rows=1, q_rows=4, kv_rows=1 if gqa else 4)
+    tensors = llama_tensors(80, 0, rows=2, q_rows=8, kv_rows=2 if gqa else 8)  # 2 rows: 2-D, so quantized
     src = write_f32_gguf(tmp_path / "l80.gguf", tensors, n_layer=80, n_expert=0, n_head=n_head, n_head_kv=n_head_kv)
-    for preset in ("Q4_K_S", "Q4_K_M"):
+    for preset in ("Q4_K_S", "Q4_K_M", "Q2_K", "Q3_K_S", "Q3_K_M"):
         got = llama_quantize(src, tmp_path / f"{preset}.gguf", preset)
-        explicit = choose_types(preset, tensors, n_expert=0, n_layer=80, n_head=n_head, n_head_kv=n_head_kv)
-        inferred = choose_types(preset, tensors, n_expert=0, n_layer=80)
-        assert explicit == got and inferred == got
+        explicit = types_of(preset, tensors, n_expert=0, n_layer=80, n_head=n_head, n_head_kv=n_head_kv)
+        inferred = types_of(preset, tensors, n_expert=0, n_layer=80)
+        assert explicit == got and inferred == got, preset
         v = [got[f"blk.{i}.attn_v.weight"] for i in range(80)]
-        assert (T.Q4_K in v) is (not gqa)
+        if preset.startswith("Q4"):
+            assert (T.Q4_K in v) is (not gqa)
+        else:
+            assert (T.Q5_K in v[2:]) is gqa
 
 
 # --------------------------------------------------------------------------- documented table (reference §4.4)
@@ -243,6 +310,35 @@ def test_mixtral_8x7b_table(preset, emb, out, q, kv, o, gate_up, down_more, down
         else:
             assert down == (down_more if i in MORE_BITS_32 else down_rest)
     assert t["output_norm.weight"] == T.F32
+
+
+@pytest.mark.parametrize(
+    "preset,n_expert,emb,q,k,v,o,gate_up",
+    [
+        ("Q2_K", 8, T.Q2_K, T.Q2_K, T.Q8_0, T.Q8_0, T.Q5_K, T.Q2_K),
+        ("Q3_K_S", 8, T.Q3_K, T.Q3_K, T.Q8_0, T.Q8_0, T.Q5_K, T.Q3_K),
+        ("Q3_K_M", 8, T.Q3_K, T.Q3_K, T.Q8_0, T.Q8_0, T.Q5_K, T.Q3_K),
+        ("Q3_K_L", 8, T.Q3_K, T.Q3_K, T.Q8_0, T.Q8_0, T.Q3_K, T.Q3_K),
+        ("Q4_1", 8, T.Q4_1, T.Q4_1, T.Q8_0, T.Q8_0, T.Q4_1, T.Q4_1),
+        ("Q2_K", 4, T.Q2_K, T.Q2_K, T.Q2_K, T.Q4_K, T.Q3_K, T.Q2_K),
+        ("Q3_K_S", 4, T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K),
+        ("Q3_K_M", 4, T.Q3_K, T.Q3_K, T.Q3_K, None, T.Q4_K, T.Q3_K),
+        ("Q3_K_L", 4, T.Q3_K, T.Q3_K, T.Q3_K, T.Q5_K, T.Q5_K, T.Q3_K),
+        ("Q4_1", 4, T.Q4_1, T.Q4_1, T.Q4_1, T.Q4_1, T.Q4_1, T.Q4_1),
+    ],
+)
+def test_small_presets_table(preset, n_expert, emb, q, k, v, o, gate_up):
+    """The tables of docs/presets.md for Q2_K .. Q4_1 (32 layers, 32 query / 8 KV heads)."""
+    tensors = llama_tensors(32, n_expert, n_embd=4096, n_ff=14336, rows=8)
+    t = types_of(preset, tensors, n_expert=n_expert, n_layer=32, n_head=32, n_head_kv=8)
+    down = {"Q2_K": T.Q3_K, "Q3_K_S": T.Q3_K, "Q3_K_L": T.Q5_K, "Q4_1": T.Q4_1}
+    assert t["token_embd.weight"] == emb and t["output.weight"] == T.Q6_K
+    for i in range(32):
+        b = f"blk.{i}."
+        assert t[b + "attn_q.weight"] == q and t[b + "attn_k.weight"] == k and t[b + "attn_output.weight"] == o
+        assert t[b + "attn_v.weight"] == (v or (T.Q5_K if i < 2 else T.Q4_K))
+        assert t[b + "ffn_gate_exps.weight"] == gate_up and t[b + "ffn_up_exps.weight"] == gate_up
+        assert t[b + "ffn_down_exps.weight"] == down.get(preset, T.Q5_K if i < 2 else T.Q4_K)
 
 
 def test_four_experts_use_plain_rules():
