@@ -27,7 +27,7 @@ from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
 from gguf_moe.imatrix import Imatrix
 from gguf_moe.metadata import add_model_metadata, tokenizer_kvs
 from gguf_moe.presets import Preset, allows_quantization, choose_types, get_preset, llama_sort_key, n_dims
-from gguf_moe.source import SourceModel, SourceTensor
+from gguf_moe.source import SourceModel, SourceTensor, finite_rows, widen
 from gguf_moe.writer import StreamingGGUF, check_output_free
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 _FLOAT = (T.F32, T.F16, T.BF16)
+#: the ggml type whose bytes are a stored chunk's bytes (``SourceTensor.iter_stored``)
+_STORED = {np.dtype(np.uint16): T.BF16, np.dtype(np.float16): T.F16, np.dtype(np.float32): T.F32}
 
 
 @dataclass(frozen=True)
@@ -186,10 +188,13 @@ def _where(st: SourceTensor, row: int) -> str:
 
 
 def _check_finite(x: np.ndarray, st: SourceTensor, row0: int) -> None:
-    if not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    """``x``: a chunk as stored (``SourceTensor.iter_stored``)."""
+    ok = finite_rows(x)
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
         r = int(bad[0])
-        v = x[r][~np.isfinite(x[r])][0]
+        row = widen(x[r : r + 1])[0]
+        v = row[~np.isfinite(row)][0]
         raise CorruptFile(
             f"{_where(st, row0 + r)} holds a non-finite value ({v}) in {bad.size} row(s) of this chunk; "
             "llama.cpp cannot use NaN/Inf weights, fix the source model"
@@ -263,19 +268,23 @@ def convert(
             for w in writers:
                 w.begin_tensor(st.name)
             row = 0
-            for chunk in st.iter_chunks(_max_rows(st.n_cols, chunk_bytes)):
-                _check_finite(chunk, st, row)
-                encoded: dict[T, np.ndarray] = {}  # outputs wanting the same type share the bytes
+            for stored in st.iter_stored(_max_rows(st.n_cols, chunk_bytes)):
+                _check_finite(stored, st, row)
+                # outputs wanting the same type share the bytes; the stored type needs no encoding
+                encoded: dict[T, np.ndarray] = {_STORED[stored.dtype]: stored.view(np.uint8)}
+                chunk = None
                 for w, t in zip(writers, types):
                     if t not in encoded:
+                        if chunk is None:
+                            chunk = widen(stored)
                         try:
                             qw = _imatrix_for(imatrix, st.name, st.shape, t, row)
                             encoded[t] = encode(chunk, t, backend=backend, threads=threads, imatrix=qw)
                         except QuantError as e:
                             raise CorruptFile(f"{_where(st, row)} -> {t.name}: {e}") from None
                     w.write(encoded[t])
-                row += len(chunk)
-                progress.advance(chunk.size * st.src_itemsize)
+                row += len(stored)
+                progress.advance(stored.size * st.src_itemsize)
         done = [w.close() for w in writers]
         progress.finish()
         return done

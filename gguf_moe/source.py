@@ -36,7 +36,16 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 from gguf_moe import arch as archmod
 from gguf_moe.errors import ConfigError, CorruptFile, LayoutMismatch, MissingTensor, UnsupportedArchitecture
 
-__all__ = ["open_model", "SourceModel", "SourceTensor", "RawTensor", "read_safetensors_header", "normalize_hparams"]
+__all__ = [
+    "open_model",
+    "SourceModel",
+    "SourceTensor",
+    "RawTensor",
+    "read_safetensors_header",
+    "normalize_hparams",
+    "widen",
+    "finite_rows",
+]
 
 #: safetensors dtype -> (numpy dtype of the stored words, bytes per element)
 _DTYPES: dict[str, tuple[type, int]] = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
@@ -48,6 +57,22 @@ _ITEMSIZE = {
 }  # fmt: skip
 _PAGE = mmap.PAGESIZE
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+
+def widen(x: np.ndarray) -> np.ndarray:
+    """A chunk from ``SourceTensor.iter_stored`` as float32 (exact for every stored type)."""
+    if x.dtype == np.uint16:  # BF16 words
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """Per row of a stored chunk: are all its values finite?  Checked on the stored words
+    (a BF16 word is NaN/Inf when its exponent bits are all ones)."""
+    if x.dtype == np.uint16:
+        return ((x & 0x7F80) != 0x7F80).all(axis=1)
+    return np.isfinite(x).all(axis=1)
 
 
 # --------------------------------------------------------------------------- shards
@@ -378,7 +403,10 @@ class SourceTensor:
         """Bytes per element in the checkpoint (2 for BF16/F16, 4 for F32)."""
         return _DTYPES[self.src_dtype][1]
 
-    def iter_chunks(self, max_rows: int) -> Iterator[np.ndarray]:
+    def iter_stored(self, max_rows: int) -> Iterator[np.ndarray]:
+        """Like ``iter_chunks``, but each chunk as stored in the checkpoint: ``uint16``
+        words for BF16, ``float16``, ``float32`` (rows already permuted).  ``widen`` turns
+        a chunk into float32."""
         if self.computed is not None:
             yield np.ascontiguousarray(self.computed, dtype=np.float32).reshape(-1, self.n_cols)
             return
@@ -389,18 +417,15 @@ class SourceTensor:
             wtype, isz = _DTYPES[p.raw.dtype]
             for r0 in range(0, p.nrows, step):
                 n = min(step, p.nrows - r0)
-                words = p.raw.shard.read(p.offset + r0 * p.ncols * isz, n * p.ncols * isz, wtype)
-                if p.raw.dtype == "BF16":
-                    x = (words.astype(np.uint32) << 16).view(np.float32)
-                elif p.raw.dtype == "F16":
-                    x = words.astype(np.float32)
-                else:
-                    x = words
-                x = x.reshape(n, p.ncols)
+                x = p.raw.shard.read(p.offset + r0 * p.ncols * isz, n * p.ncols * isz, wtype).reshape(n, p.ncols)
                 if self.head_rows:
                     h = self.head_rows
-                    x = x.reshape(n // h, 2, h // 2, p.ncols).swapaxes(1, 2).reshape(n, p.ncols)
-                yield np.ascontiguousarray(x)
+                    x = np.ascontiguousarray(x.reshape(n // h, 2, h // 2, p.ncols).swapaxes(1, 2).reshape(n, p.ncols))
+                yield x
+
+    def iter_chunks(self, max_rows: int) -> Iterator[np.ndarray]:
+        for x in self.iter_stored(max_rows):
+            yield widen(x)
 
     def read(self) -> np.ndarray:
         """The whole tensor as float32 in numpy shape (for tests and small tensors)."""
