@@ -2,23 +2,25 @@
 
 Same contract as ``quant._numpy.quantize_rows`` (the readable reference), built for speed:
 
-* **Lanes.**  Blocks are independent, so a tile of ``LANES_K`` (make_qkx searches: Q4_K,
-  Q5_K, Q5_1) or ``LANES`` (the others) sub-blocks is transposed into one flat float32
-  buffer, value i of lane s at ``i*lanes + s``, and every step of the C algorithm runs as a
+* **Lanes.**  Blocks are independent, so a tile of ``LANES_K`` (make_qkx searches: Q2_K,
+  Q4_K, Q5_K, Q4_1, Q5_1) or ``LANES`` (the others) sub-blocks is transposed into one flat
+  float32 buffer, value i of lane s at ``i*lanes + s``, and every step of the C algorithm runs as a
   loop over the lanes.  All offsets are compile-time constants, so LLVM proves the rows of
   the buffer independent and turns those loops into SIMD code without runtime alias checks;
   the branches of the C code become per-lane selects.  Each lane still does exactly the
   float32 operations of its C block, in the same order (sequential sums over the in-block
-  index).  Q8_0 and the Q4_0/Q5_0/Q5_1 reference paths need no search and work block
-  by block on the contiguous input.
+  index).  Q8_0 and the Q4_0/Q5_0/Q4_1/Q5_1 reference paths need no search and work block
+  by block on the contiguous input.  The small per-super-block searches over 16 sub-block
+  scales (make_qp_quants for Q2_K, make_qx_quants for Q3_K with an imatrix) are scalar.
 * **No FMA, no fast-math.**  Kernels are compiled with ``fastmath=False``; LLVM then never
   contracts ``a*b + c`` (the x86-64 ``ggml-base`` build does not either).  Checked by the
   byte comparisons against ggml in the tests.
 * **Rounding.**  ``nearest_int`` is ggml's bit trick (``_nint``, via a float->int bitcast).
   Inside the scale searches the lanes use the equivalent float form
   ``(v + 1.5*2**23) - 1.5*2**23``, which equals the bit trick for |v| <= 4194303.  In
-  make_qx_quants |v| <= nmax + 1 always; in make_qkx a per-lane bound on |v| is checked at
-  every step and a lane that could leave the range (in practice: blocks of subnormal
+  make_qx_quants (and the first step of make_q3_quants) |v| <= nmax + 1 always; the
+  coordinate descent of make_q3_quants has no bound and uses the bit trick; in make_qkx a
+  per-lane bound on |v| is checked at every step and a lane that could leave the range (in practice: blocks of subnormal
   values) is redone by an exact scalar port (``_qkx_one``).  ``roundf`` (Q8_0) rounds half
   away from zero; C float->int8 casts are done as x86-64 executes them (truncate to int32,
   NaN/out of range -> INT_MIN, keep the low byte), like the numpy reference.
@@ -52,7 +54,7 @@ F32 = np.float32
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
 
 #: Sub-blocks processed together (SIMD lanes of the inner loops): make_qkx tiles
-#: (Q4_K, Q5_K, Q5_1) and the other tiles (Q6_K, Q8_0, Q4_0, Q5_0).
+#: (Q2_K, Q4_K, Q5_K, Q4_1, Q5_1) and the other tiles (Q3_K, Q6_K, Q4_0, Q5_0).
 LANES_K = 64
 LANES = 128
 QK_K = 256
@@ -270,11 +272,12 @@ _Q32SIZE = 3 * 32 * _NL + 8 * _NL
 
 
 @njit(**_JIT)
-def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, L, Laux):
-    """Scalar ``make_qkx2_quants`` / ``make_qkx3_quants`` (weights given, use_mad false).
+def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, mad, L, Laux):
+    """Scalar ``make_qkx2_quants`` / ``make_qkx3_quants`` (weights given).
 
-    Exact port with ggml's bit-trick ``nearest_int``; used for lanes whose values could
-    leave the range where the vectorized float rounding is exact.  Returns (scale, the_min).
+    Exact port with ggml's bit-trick ``nearest_int``; ``mad`` selects ``|diff|`` instead of
+    ``diff*diff`` as the error (Q2_K).  Used for lanes whose values could leave the range
+    where the vectorized float rounding is exact.  Returns (scale, the_min).
     """
     mn = x[0]
     mx = x[0]
@@ -301,7 +304,7 @@ def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, L, Laux):
         li = max(0, min(nmax, li))
         L[i] = li
         diff = scale * F32(li) + mn - x[i]
-        best += w[i] * (diff * diff)
+        best += w[i] * (abs(diff) if mad else diff * diff)
     for k in range(nstep + 1):
         iscale = (rmin + rdelta * F32(k) + F32(nmax)) / (mx - mn)
         sl = _Z
@@ -325,7 +328,7 @@ def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, L, Laux):
             cur = _Z
             for i in range(n):
                 diff = ts * F32(Laux[i]) + tm - x[i]
-                cur += w[i] * (diff * diff)
+                cur += w[i] * (abs(diff) if mad else diff * diff)
             if cur < best:
                 for i in range(n):
                     L[i] = Laux[i]
@@ -335,129 +338,139 @@ def _qkx_one(x, w, n, nmax, rmin, rdelta, nstep, L, Laux):
     return scale, -mn
 
 
-@njit(**_JIT)
-def _qkx_lanes(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
-    """``make_qkx2_quants``/``make_qkx3_quants`` (n=32, weights, no mad) for every lane.
+def _make_qkx(N, MAD):
+    """Build ``make_qkx2_quants``/``make_qkx3_quants`` (n=N <= 32, weights given) over the
+    lanes of a ``_KSIZE`` tile (x at ``_KX``, weights at ``_KW``, rows 0..N-1 used).
 
-    buf: a ``_KSIZE`` tile with x at ``_KX`` and weights at ``_KW``.
-    Out: scales, the_min [LANES], Lq (int32 [32*LANES]).
+    ``MAD``: the error is ``w*|diff|`` (Q2_K ``_ref``) instead of ``w*diff*diff``.
+    Out: scales, the_min [LANES_K], Lq (int32, value i of lane s at ``i*LANES_K + s``).
     """
-    nm = F32(nmax)
-    for s in range(_NK):
-        v = buf[_KX + s]
-        w = buf[_KW + s]
-        buf[_MN + s] = v
-        buf[_MX + s] = v
-        buf[_SW + s] = w
-        buf[_SX + s] = w * v
-    for i in range(1, 32):
+
+    @njit(**_JIT)
+    def qkx(buf, nmax, rmin, rdelta, nstep, scales, the_min, Lq):
+        nm = F32(nmax)
         for s in range(_NK):
-            v = buf[_KX + i * _NK + s]
-            w = buf[_KW + i * _NK + s]
-            buf[_MN + s] = v if v < buf[_MN + s] else buf[_MN + s]
-            buf[_MX + s] = v if v > buf[_MX + s] else buf[_MX + s]
-            buf[_SW + s] += w
-            buf[_SX + s] += w * v
-    for s in range(_NK):
-        m = buf[_MN + s]
-        buf[_XLO + s] = m
-        m = m if not m > _Z else _Z
-        buf[_MN + s] = m
-        ic = nm / (buf[_MX + s] - m)
-        buf[_ISC + s] = ic
-        buf[_SCL + s] = _ONE / ic
-        buf[_ACCI + s] = ic
-        buf[_ACCM + s] = m
-        buf[_BEST + s] = _Z
-        b = ic * (buf[_MX + s] - m)
-        buf[_BAD + s] = _Z if b <= _LIM else _ONE
-    for i in range(32):
-        for s in range(_NK):
-            v = buf[_KX + i * _NK + s]
-            mn = buf[_MN + s]
-            q = _rnd(buf[_ISC + s] * (v - mn))
-            q = q if q > _Z else _Z
-            q = q if q < nm else nm
-            diff = buf[_SCL + s] * q + mn - v
-            buf[_BEST + s] += buf[_KW + i * _NK + s] * (diff * diff)
-    for k in range(nstep + 1):
-        c = rmin + rdelta * F32(k) + nm
-        for s in range(_NK):
-            mn = buf[_MN + s]
-            ic = c / (buf[_MX + s] - mn)
-            buf[_ISC + s] = ic
-            b1 = ic * (buf[_MX + s] - mn)
-            b2 = ic * (mn - buf[_XLO + s])
-            buf[_BAD + s] = buf[_BAD + s] if (abs(b1) <= _LIM and abs(b2) <= _LIM) else _ONE
-            buf[_SL + s] = _Z
-            buf[_SL2 + s] = _Z
-            buf[_SXL + s] = _Z
-        for i in range(32):
+            v = buf[_KX + s]
+            w = buf[_KW + s]
+            buf[_MN + s] = v
+            buf[_MX + s] = v
+            buf[_SW + s] = w
+            buf[_SX + s] = w * v
+        for i in range(1, N):
             for s in range(_NK):
                 v = buf[_KX + i * _NK + s]
-                q = _rnd(buf[_ISC + s] * (v - buf[_MN + s]))
+                w = buf[_KW + i * _NK + s]
+                buf[_MN + s] = v if v < buf[_MN + s] else buf[_MN + s]
+                buf[_MX + s] = v if v > buf[_MX + s] else buf[_MX + s]
+                buf[_SW + s] += w
+                buf[_SX + s] += w * v
+        for s in range(_NK):
+            m = buf[_MN + s]
+            buf[_XLO + s] = m
+            m = m if not m > _Z else _Z
+            buf[_MN + s] = m
+            ic = nm / (buf[_MX + s] - m)
+            buf[_ISC + s] = ic
+            buf[_SCL + s] = _ONE / ic
+            buf[_ACCI + s] = ic
+            buf[_ACCM + s] = m
+            buf[_BEST + s] = _Z
+            b = ic * (buf[_MX + s] - m)
+            buf[_BAD + s] = _Z if b <= _LIM else _ONE
+        for i in range(N):
+            for s in range(_NK):
+                v = buf[_KX + i * _NK + s]
+                mn = buf[_MN + s]
+                q = _rnd(buf[_ISC + s] * (v - mn))
                 q = q if q > _Z else _Z
                 q = q if q < nm else nm
-                buf[_KLT + i * _NK + s] = q
-                wl = buf[_KW + i * _NK + s] * q
-                buf[_SL + s] += wl
-                buf[_SL2 + s] += wl * q
-                buf[_SXL + s] += wl * v
-        for s in range(_NK):
-            sw = buf[_SW + s]
-            sx = buf[_SX + s]
-            sl = buf[_SL + s]
-            sl2 = buf[_SL2 + s]
-            sxl = buf[_SXL + s]
-            D = sw * sl2 - sl * sl
-            ts = (sw * sxl - sx * sl) / D
-            tm = (sl2 * sx - sl * sxl) / D
-            pos = tm > _Z
-            buf[_TSC + s] = sxl / sl2 if pos else ts
-            buf[_TMN + s] = _Z if pos else tm
-            buf[_DOK + s] = _ONE if D > _Z else _Z
-            buf[_CUR + s] = _Z
-        for i in range(32):
+                diff = buf[_SCL + s] * q + mn - v
+                buf[_BEST + s] += buf[_KW + i * _NK + s] * (abs(diff) if MAD else diff * diff)
+        for k in range(nstep + 1):
+            c = rmin + rdelta * F32(k) + nm
             for s in range(_NK):
-                diff = buf[_TSC + s] * buf[_KLT + i * _NK + s] + buf[_TMN + s] - buf[_KX + i * _NK + s]
-                buf[_CUR + s] += buf[_KW + i * _NK + s] * (diff * diff)
+                mn = buf[_MN + s]
+                ic = c / (buf[_MX + s] - mn)
+                buf[_ISC + s] = ic
+                b1 = ic * (buf[_MX + s] - mn)
+                b2 = ic * (mn - buf[_XLO + s])
+                buf[_BAD + s] = buf[_BAD + s] if (abs(b1) <= _LIM and abs(b2) <= _LIM) else _ONE
+                buf[_SL + s] = _Z
+                buf[_SL2 + s] = _Z
+                buf[_SXL + s] = _Z
+            for i in range(N):
+                for s in range(_NK):
+                    v = buf[_KX + i * _NK + s]
+                    q = _rnd(buf[_ISC + s] * (v - buf[_MN + s]))
+                    q = q if q > _Z else _Z
+                    q = q if q < nm else nm
+                    buf[_KLT + i * _NK + s] = q
+                    wl = buf[_KW + i * _NK + s] * q
+                    buf[_SL + s] += wl
+                    buf[_SL2 + s] += wl * q
+                    buf[_SXL + s] += wl * v
+            for s in range(_NK):
+                sw = buf[_SW + s]
+                sx = buf[_SX + s]
+                sl = buf[_SL + s]
+                sl2 = buf[_SL2 + s]
+                sxl = buf[_SXL + s]
+                D = sw * sl2 - sl * sl
+                ts = (sw * sxl - sx * sl) / D
+                tm = (sl2 * sx - sl * sxl) / D
+                pos = tm > _Z
+                buf[_TSC + s] = sxl / sl2 if pos else ts
+                buf[_TMN + s] = _Z if pos else tm
+                buf[_DOK + s] = _ONE if D > _Z else _Z
+                buf[_CUR + s] = _Z
+            for i in range(N):
+                for s in range(_NK):
+                    diff = buf[_TSC + s] * buf[_KLT + i * _NK + s] + buf[_TMN + s] - buf[_KX + i * _NK + s]
+                    buf[_CUR + s] += buf[_KW + i * _NK + s] * (abs(diff) if MAD else diff * diff)
+            for s in range(_NK):
+                ok = buf[_DOK + s] != _Z and buf[_CUR + s] < buf[_BEST + s]
+                buf[_BEST + s] = buf[_CUR + s] if ok else buf[_BEST + s]
+                buf[_SCL + s] = buf[_TSC + s] if ok else buf[_SCL + s]
+                buf[_ACCI + s] = buf[_ISC + s] if ok else buf[_ACCI + s]
+                buf[_ACCM + s] = buf[_MN + s] if ok else buf[_ACCM + s]
+                buf[_MN + s] = buf[_TMN + s] if ok else buf[_MN + s]
+        for i in range(N):
+            for s in range(_NK):
+                q = _rnd(buf[_ACCI + s] * (buf[_KX + i * _NK + s] - buf[_ACCM + s]))
+                q = q if q > _Z else _Z
+                q = q if q < nm else nm
+                Lq[i * _NK + s] = np.int32(q)
         for s in range(_NK):
-            ok = buf[_DOK + s] != _Z and buf[_CUR + s] < buf[_BEST + s]
-            buf[_BEST + s] = buf[_CUR + s] if ok else buf[_BEST + s]
-            buf[_SCL + s] = buf[_TSC + s] if ok else buf[_SCL + s]
-            buf[_ACCI + s] = buf[_ISC + s] if ok else buf[_ACCI + s]
-            buf[_ACCM + s] = buf[_MN + s] if ok else buf[_ACCM + s]
-            buf[_MN + s] = buf[_TMN + s] if ok else buf[_MN + s]
-    for i in range(32):
-        for s in range(_NK):
-            q = _rnd(buf[_ACCI + s] * (buf[_KX + i * _NK + s] - buf[_ACCM + s]))
-            q = q if q > _Z else _Z
-            q = q if q < nm else nm
-            Lq[i * _NK + s] = np.int32(q)
-    for s in range(_NK):
-        xlo = buf[_XLO + s]
-        m0 = xlo if not xlo > _Z else _Z
-        if buf[_MX + s] == m0:  # degenerate: all L = 0
-            scales[s] = _Z
-            the_min[s] = -m0
-            for i in range(32):
-                Lq[i * _NK + s] = 0
-        elif buf[_BAD + s] != _Z:  # values may leave the exact range: scalar exact port
-            xv = np.empty(32, F32)
-            wv = np.empty(32, F32)
-            for i in range(32):
-                xv[i] = buf[_KX + i * _NK + s]
-                wv[i] = buf[_KW + i * _NK + s]
-            Li = np.empty(32, np.int64)
-            La = np.empty(32, np.int64)
-            sc, tm = _qkx_one(xv, wv, 32, nmax, rmin, rdelta, nstep, Li, La)
-            scales[s] = sc
-            the_min[s] = tm
-            for i in range(32):
-                Lq[i * _NK + s] = Li[i]
-        else:
-            scales[s] = buf[_SCL + s]
-            the_min[s] = -buf[_MN + s]
+            xlo = buf[_XLO + s]
+            m0 = xlo if not xlo > _Z else _Z
+            if buf[_MX + s] == m0:  # degenerate: all L = 0
+                scales[s] = _Z
+                the_min[s] = -m0
+                for i in range(N):
+                    Lq[i * _NK + s] = 0
+            elif buf[_BAD + s] != _Z:  # values may leave the exact range: scalar exact port
+                xv = np.empty(N, F32)
+                wv = np.empty(N, F32)
+                for i in range(N):
+                    xv[i] = buf[_KX + i * _NK + s]
+                    wv[i] = buf[_KW + i * _NK + s]
+                Li = np.empty(N, np.int64)
+                La = np.empty(N, np.int64)
+                sc, tm = _qkx_one(xv, wv, N, nmax, rmin, rdelta, nstep, MAD, Li, La)
+                scales[s] = sc
+                the_min[s] = tm
+                for i in range(N):
+                    Lq[i * _NK + s] = Li[i]
+            else:
+                scales[s] = buf[_SCL + s]
+                the_min[s] = -buf[_MN + s]
+
+    return qkx
+
+
+_qkx_lanes = _make_qkx(32, False)
+_qkx16 = _make_qkx(16, False)
+_qkx16_mad = _make_qkx(16, True)
 
 
 @njit(**_JIT)
@@ -763,6 +776,361 @@ def _kq6(x, n, qw, use_qw, out):
                     out[o + 128 + 32 * h + l] = ((a0 >> 4) | ((a1 >> 4) << 2) | ((a2 >> 4) << 4) | ((a3 >> 4) << 6)) & 0xFF
 
 
+# --------------------------------------------------------------------------- Q2_K
+
+
+@njit(**_JIT)
+def _kq2(x, n, qw, use_qw, out):
+    """Q2_K for the flat rows ``x`` (length multiple of 256); 16 sub-blocks of 16 per super-block.
+
+    ``_ref``: make_qkx2_quants(16, 3, w=|x|, -0.5, 0.1, 15, use_mad) per sub-block, 4-bit
+    scales and mins ``nearest_int(15/max * v)`` (wrapped to a byte, no clamp).
+    ``_impl`` (use_qw): weights ``qw*sqrt(sigma2 + x*x)`` with the super-block's
+    ``sigma2 = sum(x*x)/256``, make_qkx3_quants(-0.9, 0.05, 36), make_qp_quants(16, 15) for
+    the scales and mins.  Both requantize with the fp16 d/dmin (search L kept where d == 0).
+    """
+    nsb = x.size // QK_K
+    SB = _NK // 16
+    buf = np.empty(_KSIZE, F32)
+    Lq = np.empty(32 * _NK, np.int32)
+    scales = np.empty(_NK, F32)
+    mins = np.empty(_NK, F32)
+    sw = np.empty(_NK, F32)
+    lane = np.empty(_NK, F32)
+    dl = np.empty(_NK, F32)
+    dml = np.empty(_NK, F32)
+    sig = np.empty(SB, F32)
+    cols = np.empty(_NK, np.int64)
+    Ls = np.empty(16, np.int64)
+    Lm = np.empty(16, np.int64)
+    for t0 in range(0, nsb, SB):
+        nb = min(SB, nsb - t0)
+        _load(x, t0 * QK_K, nb * 16, 16, buf, _KX, _NK)
+        if use_qw:
+            for b in range(SB):
+                sig[b] = _Z
+            for e in range(QK_K):
+                for b in range(nb):
+                    v = x[(t0 + b) * QK_K + e]
+                    sig[b] += v * v
+            for s in range(_NK):
+                lane[s] = sig[s // 16] / F32(256.0)  # sigma2
+                cols[s] = ((t0 * 16 + s) * 16) % n
+            for i in range(16):
+                for s in range(_NK):
+                    v = buf[_KX + i * _NK + s]
+                    buf[_KW + i * _NK + s] = qw[cols[s] + i] * np.sqrt(lane[s] + v * v)
+            for s in range(_NK):
+                sw[s] = _Z
+            for i in range(16):
+                for s in range(_NK):
+                    sw[s] += buf[_KW + i * _NK + s]
+            _qkx16(buf, 3, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
+        else:
+            for i in range(16):
+                for s in range(_NK):
+                    buf[_KW + i * _NK + s] = abs(buf[_KX + i * _NK + s])
+            _qkx16_mad(buf, 3, F32(-0.5), F32(0.1), 15, scales, mins, Lq)
+        for b in range(nb):
+            o = (t0 + b) * 84
+            s0 = b * 16
+            if use_qw:
+                dh = _f16(_qp(16, 15, scales[s0 : s0 + 16], sw[s0 : s0 + 16], Ls))
+                mh = _f16(_qp(16, 15, mins[s0 : s0 + 16], sw[s0 : s0 + 16], Lm))
+            else:
+                max_scale = _Z
+                max_min = _Z
+                for j in range(16):
+                    if scales[s0 + j] > max_scale:
+                        max_scale = scales[s0 + j]
+                    if mins[s0 + j] > max_min:
+                        max_min = mins[s0 + j]
+                if max_scale > _Z:
+                    isc = F32(15.0) / max_scale
+                    for j in range(16):
+                        Ls[j] = _nint(isc * scales[s0 + j])
+                    dh = _f16(max_scale / F32(15.0))
+                else:
+                    for j in range(16):
+                        Ls[j] = 0
+                    dh = 0
+                if max_min > _Z:
+                    imn = F32(15.0) / max_min
+                    for j in range(16):
+                        Lm[j] = _nint(imn * mins[s0 + j])
+                    mh = _f16(max_min / F32(15.0))
+                else:
+                    for j in range(16):
+                        Lm[j] = 0
+                    mh = 0
+            _put16(out, o + 80, dh)
+            _put16(out, o + 82, mh)
+            dv = _f16v(dh)
+            mv = _f16v(mh)
+            for j in range(16):
+                sc = (Ls[j] | (Lm[j] << 4)) & 0xFF  # uint8 field: wraps as in C
+                out[o + j] = sc
+                dl[s0 + j] = dv * F32(sc & 0xF)
+                dml[s0 + j] = mv * F32(sc >> 4)
+        for s in range(nb * 16, _NK):
+            dl[s] = _Z
+            dml[s] = _Z
+        for i in range(16):
+            for s in range(_NK):
+                d = dl[s]
+                q = _nint((buf[_KX + i * _NK + s] + dml[s]) / d)
+                q = max(0, min(3, q))
+                Lq[i * _NK + s] = np.int32(q) if d != _Z else Lq[i * _NK + s]
+        for b in range(nb):
+            _pack2(out, (t0 + b) * 84 + 16, Lq, b * 16, _NK, False)
+
+
+@njit(inline="always", **_JIT)
+def _pack2(out, o, Lq, s0, nl, q3):
+    """Low 2 bits of a super-block's 256 quants (sub-block j = lane s0+j, value i at row i)
+    into ``qs[64]`` at ``o``; with ``q3`` the values are 0..7 and the bit 2 (``L > 3``) goes
+    to ``hmask[32]`` at ``o - 32`` (element e: byte e % 32, bit e // 32)."""
+    for c in range(2):
+        for l in range(32):
+            v = 0
+            for k in range(4):
+                e = 128 * c + 32 * k + l
+                a = Lq[(e % 16) * nl + s0 + e // 16]
+                if q3:
+                    a = a - 4 if a > 3 else a
+                v |= a << (2 * k)
+            out[o + 32 * c + l] = v & 0xFF
+    if q3:
+        for m in range(32):
+            h = 0
+            for k in range(8):
+                e = 32 * k + m
+                a = Lq[(e % 16) * nl + s0 + e // 16]
+                h |= (1 if a > 3 else 0) << k
+            out[o - 32 + m] = h
+
+
+# --------------------------------------------------------------------------- Q3_K
+
+# make_q3_quants tile (16 values per lane): x, x*x, x*x*x, L (float), per-lane state
+_Q3W = 16 * _NL
+_Q3WX = 32 * _NL
+_Q3L = 48 * _NL
+_Q3AM = 64 * _NL
+_Q3MX = _Q3AM + _NL
+_Q3SLX = _Q3AM + 2 * _NL
+_Q3SL2 = _Q3AM + 3 * _NL
+_Q3SIZE = _Q3AM + 4 * _NL
+
+
+@njit(**_JIT)
+def _q3_lanes(buf, scales, Lq):
+    """``make_q3_quants(16, 4, x, L, do_rmse=true)`` for every lane of a ``_Q3SIZE`` tile (x at 0).
+
+    Weights x*x; start from ``iscale = -4/max`` (signed largest |x|, first occurrence), then 5
+    coordinate-descent passes moving single L[i] to ``nearest_int(x*sl2/slx)`` while
+    ``sumlx**2/suml2`` strictly improves (a pass without change is a no-op, so always running
+    5 equals C's early exit).  The descent's ``nearest_int`` is the exact bit trick (its
+    argument is unbounded).  Out: scales [LANES], Lq (L+4 in 0..7; 0 for all-zero lanes).
+    """
+    for s in range(_NL):
+        buf[_Q3AM + s] = _Z
+        buf[_Q3MX + s] = _Z
+    for i in range(16):
+        for s in range(_NL):
+            v = buf[i * _NL + s]
+            a = abs(v)
+            c = a > buf[_Q3AM + s]
+            buf[_Q3AM + s] = a if c else buf[_Q3AM + s]
+            buf[_Q3MX + s] = v if c else buf[_Q3MX + s]
+            w = v * v
+            buf[_Q3W + i * _NL + s] = w
+            buf[_Q3WX + i * _NL + s] = w * v
+    for s in range(_NL):
+        buf[_Q3MX + s] = F32(-4.0) / buf[_Q3MX + s]  # iscale from here on
+        buf[_Q3SLX + s] = _Z
+        buf[_Q3SL2 + s] = _Z
+    for i in range(16):
+        for s in range(_NL):
+            q = _rnd(buf[_Q3MX + s] * buf[i * _NL + s])  # |.| <= 4 for non-zero lanes
+            q = q if q > F32(-4.0) else F32(-4.0)
+            q = q if q < F32(3.0) else F32(3.0)
+            buf[_Q3L + i * _NL + s] = q
+            w = buf[_Q3W + i * _NL + s]
+            buf[_Q3SLX + s] += buf[_Q3WX + i * _NL + s] * q
+            buf[_Q3SL2 + s] += (w * q) * q
+    for _ in range(5):
+        for i in range(16):
+            for s in range(_NL):
+                v = buf[i * _NL + s]
+                w = buf[_Q3W + i * _NL + s]
+                wx = buf[_Q3WX + i * _NL + s]
+                lf = buf[_Q3L + i * _NL + s]
+                sumlx = buf[_Q3SLX + s]
+                suml2 = buf[_Q3SL2 + s]
+                slx = sumlx - wx * lf
+                sl2 = suml2 - (w * lf) * lf
+                nl = _nint((v * sl2) / slx)
+                nl = max(-4, min(3, nl))
+                nf = F32(nl)
+                slx2 = slx + wx * nf
+                sl22 = sl2 + (w * nf) * nf
+                acc = (slx > _Z) & (nf != lf) & (sl22 > _Z) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+                buf[_Q3L + i * _NL + s] = nf if acc else lf
+                buf[_Q3SLX + s] = slx2 if acc else sumlx
+                buf[_Q3SL2 + s] = sl22 if acc else suml2
+    for i in range(16):
+        for s in range(_NL):
+            nz = buf[_Q3AM + s] >= _EPS
+            Lq[i * _NL + s] = np.int32(buf[_Q3L + i * _NL + s]) + 4 if nz else 0
+    for s in range(_NL):
+        sl2 = buf[_Q3SL2 + s]
+        sc = buf[_Q3SLX + s] / sl2 if sl2 > _Z else _Z
+        scales[s] = sc if buf[_Q3AM + s] >= _EPS else _Z
+
+
+@njit(**_JIT)
+def _qx_one(n, nmax, x, w, L):
+    """Scalar ``make_qx_quants(n, nmax, x, L, 1, w)``; L (int64) in 0..2*nmax-1, 0 if all zero."""
+    mx = _Z
+    amax = _Z
+    for i in range(n):
+        a = abs(x[i])
+        if a > amax:
+            amax = a
+            mx = x[i]
+    if amax < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _Z
+    nm = F32(nmax)
+    iscale = -nm / mx
+    sumlx = _Z
+    suml2 = _Z
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _nint(iscale * x[i])))
+        L[i] = l + nmax
+        fl = F32(l)
+        sumlx += (w[i] * x[i]) * fl
+        suml2 += (w[i] * fl) * fl
+    scale = sumlx / suml2 if suml2 != _Z else _Z
+    best = scale * sumlx
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        iscale = -(nm + F32(0.1) * F32(k)) / mx
+        sumlx = _Z
+        suml2 = _Z
+        for i in range(n):
+            fl = F32(max(-nmax, min(nmax - 1, _nint(iscale * x[i]))))
+            sumlx += (w[i] * x[i]) * fl
+            suml2 += (w[i] * fl) * fl
+        if suml2 > _Z and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, _nint(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(**_JIT)
+def _kq3(x, n, qw, use_qw, out):
+    """Q3_K for the flat rows ``x`` (length multiple of 256); 16 sub-blocks of 16 per super-block.
+
+    ``_ref``: make_q3_quants per sub-block, 6-bit scales ``clamp((int8)nearest_int(-32/max *
+    s), -32, 31) + 32`` around the signed largest scale, ``d = fp16(max/-32)``.
+    ``_impl`` (use_qw): weights ``qw*sqrt(2*sum(x*x)/256 + x*x)``, make_qx_quants(16, 4) per
+    sub-block, then make_qx_quants(16, 32) over the 16 scales (weighted by their weight sums).
+    Both requantize ``clamp(nearest_int(x/(d*(sc-32))), -4, 3) + 4`` (search L kept where that
+    d == 0) and split L into ``hmask`` (bit 2) and ``qs`` (bits 0-1).
+    """
+    nsb = x.size // QK_K
+    SB = _NL // 16
+    W = 16 * _NL
+    buf = np.empty(max(_Q3SIZE, _Q6SIZE), F32)
+    Lq = np.empty(16 * _NL, np.int32)
+    scales = np.empty(_NL, F32)
+    sw = np.empty(_NL, F32)
+    lane = np.empty(_NL, F32)
+    dl = np.empty(_NL, F32)
+    sig = np.empty(SB, F32)
+    cols = np.empty(_NL, np.int64)
+    Ls = np.empty(16, np.int64)
+    sc12 = np.zeros(12, np.int64)
+    for t0 in range(0, nsb, SB):
+        nb = min(SB, nsb - t0)
+        _load(x, t0 * QK_K, nb * 16, 16, buf, 0, _NL)
+        if use_qw:
+            for b in range(SB):
+                sig[b] = _Z
+            for e in range(QK_K):
+                for b in range(nb):
+                    v = x[(t0 + b) * QK_K + e]
+                    sig[b] += v * v
+            for s in range(_NL):
+                lane[s] = (F32(2.0) * sig[s // 16]) / F32(256.0)  # sigma2
+                cols[s] = ((t0 * 16 + s) * 16) % n
+            for i in range(16):
+                for s in range(_NL):
+                    v = buf[i * _NL + s]
+                    buf[W + i * _NL + s] = qw[cols[s] + i] * np.sqrt(lane[s] + v * v)
+            for s in range(_NL):
+                sw[s] = _Z
+            for i in range(16):
+                for s in range(_NL):
+                    sw[s] += buf[W + i * _NL + s]
+            _qx16(buf, 4, scales, Lq)
+        else:
+            _q3_lanes(buf, scales, Lq)
+        for b in range(nb):
+            o = (t0 + b) * 110
+            s0 = b * 16
+            if use_qw:
+                dh = _f16(_qx_one(16, 32, scales[s0 : s0 + 16], sw[s0 : s0 + 16], Ls))
+            else:
+                max_scale = _Z
+                amax = _Z
+                for j in range(16):
+                    a = abs(scales[s0 + j])
+                    if a > amax:
+                        amax = a
+                        max_scale = scales[s0 + j]
+                if max_scale != _Z:
+                    isc = F32(-32.0) / max_scale
+                    for j in range(16):
+                        Ls[j] = max(-32, min(31, _s8(_nint(isc * scales[s0 + j])))) + 32
+                    dh = _f16(_ONE / isc)
+                else:
+                    for j in range(16):
+                        Ls[j] = 0
+                    dh = 0
+            for k in range(12):
+                sc12[k] = 0
+            for j in range(16):
+                l = Ls[j]
+                if j < 8:
+                    sc12[j] = l & 0xF
+                else:
+                    sc12[j - 8] |= (l & 0xF) << 4
+                sc12[8 + j % 4] |= (l >> 4) << (2 * (j // 4))
+            for k in range(12):
+                out[o + 96 + k] = sc12[k] & 0xFF
+            _put16(out, o + 108, dh)
+            dv = _f16v(dh)
+            for j in range(16):
+                dl[s0 + j] = dv * F32((Ls[j] & 63) - 32)
+        for s in range(nb * 16, _NL):
+            dl[s] = _Z
+        for i in range(16):
+            for s in range(_NL):
+                d = dl[s]
+                q = _nint(buf[i * _NL + s] / d)
+                q = max(-4, min(3, q)) + 4
+                Lq[i * _NL + s] = np.int32(q) if d != _Z else Lq[i * _NL + s]
+        for b in range(nb):
+            _pack2(out, (t0 + b) * 110 + 32, Lq, b * 16, _NL, True)
+
+
 # --------------------------------------------------------------------------- Q8_0
 
 
@@ -898,9 +1266,14 @@ def _ref4_0_5_0(x, five, out):
 
 
 @njit(**_JIT)
-def _ref5_1(x, out):
-    """Q5_1 ``_ref``, block by block on the contiguous input (as the C loop)."""
+def _ref_q41_q51(x, five, out):
+    """Q4_1 (five=False) / Q5_1 (five=True) ``_ref``, block by block on the contiguous input.
+
+    ``d = (max - min)/15`` (31); Q4_1 stores ``MIN(15, (int8_t)((x-min)*id + 0.5f))``,
+    Q5_1 ``(uint8_t)((x-min)*id + 0.5f)`` unclamped (x86-64 float->int rules).
+    """
     nblk = x.size // 32
+    ts = 24 if five else 20
     q = np.empty(32, np.int64)
     for b in range(nblk):
         o = b * 32
@@ -912,25 +1285,31 @@ def _ref5_1(x, out):
                 mn = v
             if v > mx:
                 mx = v
-        d = (mx - mn) / F32(31.0)
+        d = (mx - mn) / (F32(31.0) if five else F32(15.0))
         idv = _ONE / d if d != _Z else _Z
-        ob = b * 24
+        ob = b * ts
         _put16(out, ob, _f16(d))
         _put16(out, ob + 2, _f16(mn))
-        for i in range(32):
-            v = (x[o + i] - mn) * idv + _HALF
-            ok = v >= F32(-2147483648.0) and v < _TWO31
-            c = np.int32(v) if ok else np.int32(_I32_MIN)
-            q[i] = c & 0xFF
-        qh = 0
-        for j in range(16):
-            out[ob + 8 + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
-            qh |= ((q[j] & 0x10) >> 4) << j
-            qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
-        out[ob + 4] = qh & 0xFF
-        out[ob + 5] = (qh >> 8) & 0xFF
-        out[ob + 6] = (qh >> 16) & 0xFF
-        out[ob + 7] = (qh >> 24) & 0xFF
+        if five:
+            for i in range(32):
+                v = (x[o + i] - mn) * idv + _HALF
+                ok = v >= F32(-2147483648.0) and v < _TWO31
+                c = np.int32(v) if ok else np.int32(_I32_MIN)
+                q[i] = c & 0xFF
+            qh = 0
+            for j in range(16):
+                out[ob + 8 + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
+                qh |= ((q[j] & 0x10) >> 4) << j
+                qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
+            out[ob + 4] = qh & 0xFF
+            out[ob + 5] = (qh >> 8) & 0xFF
+            out[ob + 6] = (qh >> 16) & 0xFF
+            out[ob + 7] = (qh >> 24) & 0xFF
+        else:
+            for j in range(16):
+                q0 = _q_legacy(x[o + j] - mn, idv, _HALF, 15)
+                q1 = _q_legacy(x[o + 16 + j] - mn, idv, _HALF, 15)
+                out[ob + 4 + j] = (q0 | (q1 << 4)) & 0xFF  # a wrapped q0 > 15 spills, as in C
 
 
 @njit(**_JIT)
@@ -962,9 +1341,11 @@ def _kq4_0_5_0(x, n, qw, five, out):
 
 
 @njit(**_JIT)
-def _kq5_1(x, n, qw, out):
-    """Q5_1 ``_impl``: make_qkx3_quants(-0.9, 0.05, 36) with row-sigma2 weights, L stored as is."""
+def _kq_min_impl(x, n, qw, five, out):
+    """Q4_1 (five=False) / Q5_1 (five=True) ``_impl``: make_qkx3_quants(-0.9, 0.05, 36) with
+    row-sigma2 weights; d, -min and L stored as found (no requantization)."""
     nblk = x.size // 32
+    ts = 24 if five else 20
     buf = np.empty(_KSIZE, F32)
     Lq = np.empty(32 * _NK, np.int32)
     scales = np.empty(_NK, F32)
@@ -975,12 +1356,16 @@ def _kq5_1(x, n, qw, out):
         m = min(_NK, nblk - b0)
         _load(x, b0 * 32, m, 32, buf, _KX, _NK)
         _legacy_weights(buf, qw, n, b0, sig, _NK)
-        _qkx_lanes(buf, 31, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
+        _qkx_lanes(buf, 31 if five else 15, F32(-0.9), F32(0.05), 36, scales, mins, Lq)
         for s in range(m):
-            o = (b0 + s) * 24
+            o = (b0 + s) * ts
             _put16(out, o, _f16(scales[s]))
             _put16(out, o + 2, _f16(-mins[s]))
-            _pack5(out, o + 4, Lq, s, _NK)
+            if five:
+                _pack5(out, o + 4, Lq, s, _NK)
+            else:
+                for j in range(16):
+                    out[o + 4 + j] = (Lq[j * _NK + s] | (Lq[(j + 16) * _NK + s] << 4)) & 0xFF
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -989,8 +1374,11 @@ def _kq5_1(x, n, qw, out):
 _SPECS = {
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
     "Q5_0": (32, 22),
     "Q5_1": (32, 24),
+    "Q2_K": (QK_K, 84),
+    "Q3_K": (QK_K, 110),
     "Q4_K": (QK_K, 144),
     "Q5_K": (QK_K, 176),
     "Q6_K": (QK_K, 210),
@@ -1019,15 +1407,19 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
         _kq45(x, n, qw, use_qw, True, out)
     elif name == "Q6_K":
         _kq6(x, n, qw, use_qw, out)
+    elif name == "Q2_K":
+        _kq2(x, n, qw, use_qw, out)
+    elif name == "Q3_K":
+        _kq3(x, n, qw, use_qw, out)
     elif name == "Q8_0":
         _kq8_0(x, out)
     elif not use_qw:
-        if name == "Q5_1":
-            _ref5_1(x, out)
+        if name == "Q5_1" or name == "Q4_1":
+            _ref_q41_q51(x, name == "Q5_1", out)
         else:
             _ref4_0_5_0(x, name == "Q5_0", out)
-    elif name == "Q5_1":
-        _kq5_1(x, n, qw, out)
+    elif name == "Q5_1" or name == "Q4_1":
+        _kq_min_impl(x, n, qw, name == "Q5_1", out)
     else:
         _kq4_0_5_0(x, n, qw, name == "Q5_0", out)
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import quant  # noqa: E402
 
-ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def load_ggml():
