@@ -11,7 +11,8 @@ Backends (all produce the same bytes):
 * ``"torch"`` - torch kernels on CPU or CUDA (``quant/_torch.py``; optional dependency).
   ``"torch:cuda"`` / ``"torch:cpu"`` choose the device.
 
-``backend=None`` picks the fastest one available.
+``backend=None`` picks the fastest one available; a type that backend does not implement
+(its module's ``NAMES``) is quantized by numpy, which implements every type.
 
 Non-finite input: llama.cpp asserts (aborts) on NaN/Inf weights.  We refuse instead:
 ``QuantError`` names the first offending row.  Blocks made only of values below ~1e-38
@@ -70,7 +71,10 @@ QTYPES: dict[str, QType] = {
         _qt("Q8_0", False),  # ggml ignores the imatrix for Q8_0
         _qt("Q4_0", True),
         _qt("Q5_0", True),
+        _qt("Q4_1", True),
         _qt("Q5_1", True),
+        _qt("Q2_K", True),
+        _qt("Q3_K", True),
         _qt("Q4_K", True),
         _qt("Q5_K", True),
         _qt("Q6_K", True),
@@ -162,6 +166,22 @@ def _default_backend() -> str:
     return "numpy"
 
 
+def _backend_for(qname: str, backend: str | None):
+    """The backend module (and device) that quantizes ``qname``.
+
+    A backend lists the types it implements in ``NAMES``.  With ``backend=None`` a default
+    backend lacking the type falls back to numpy (which implements every type); a backend
+    named explicitly must implement it.
+    """
+    name = backend or _default_backend()
+    mod, device = _backend(name)
+    if qname in getattr(mod, "NAMES", ()):
+        return mod, device
+    if backend is None:
+        return _backend("numpy")
+    raise QuantError(f"backend {name!r} does not implement {qname}; use backend='numpy' or leave backend unset")
+
+
 def _has_nvidia_device() -> bool:
     return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/gpus")
 
@@ -227,7 +247,7 @@ def quantize(x, qtype, *, imatrix=None, backend: str | None = None, threads: int
         if not np.isfinite(qw).all():
             raise QuantError(f"{q.name}: imatrix contains non-finite values")
 
-    mod, device = _backend(backend or _default_backend())
+    mod, device = _backend_for(q.name, backend)
     out = np.empty(x.shape[:-1] + (rb,), dtype=np.uint8)
     if x.size == 0:
         return out

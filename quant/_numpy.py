@@ -150,14 +150,15 @@ def _make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray):
     return np.where(zero, F32(0), scale), L
 
 
-def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, *, le):
-    """ggml ``make_qkx2_quants`` (``le=False``) / ``make_qkx3_quants`` (``le=True``), use_mad=false.
+def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, *, le, mad=False):
+    """ggml ``make_qkx2_quants`` (``le=False``) / ``make_qkx3_quants`` (``le=True``).
 
     Weighted asymmetric fit ``x ~ scale*L + min``, ``L`` in ``0..nmax``, ``min <= 0``, for
     ``[n, G]`` groups.  Returns ``(scale [G], the_min [G] (= -min), L [n, G] int32)``.
 
     The search over ``is = 0..nstep`` tries ``iscale = (rmin + rdelta*is + nmax)/(max - min)``
-    and keeps a candidate only if its weighted squared error is strictly smaller.  As in C,
+    and keeps a candidate only if its weighted error (squared, or absolute with ``mad``,
+    ggml's ``use_mad``) is strictly smaller.  As in C,
     an accepted candidate's ``min`` replaces the running ``min`` used by the later steps.
     Degenerate groups (``max == min``; ``max <= min`` for qkx3) give ``L = 0``, scale 0.
     """
@@ -180,7 +181,7 @@ def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, *, le):
     scale = F32(1) / iscale
     L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
     diff = (scale * L.astype(F32) + mn) - x
-    best = _seqsum(w * (diff * diff))
+    best = _seqsum(w * (np.abs(diff) if mad else diff * diff))
 
     for step in range(nstep + 1):
         num = (F32(rmin) + F32(rdelta) * F32(step)) + F32(nmax)
@@ -200,7 +201,7 @@ def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, *, le):
         this_min = np.where(pos, F32(0), this_min)
         this_scale = np.where(pos, sum_xl / np.where(pos, sum_l2, F32(1)), this_scale)
         diff = (this_scale * lf + this_min) - x
-        cur = _seqsum(w * (diff * diff))
+        cur = _seqsum(w * (np.abs(diff) if mad else diff * diff))
         acc = ok & (cur < best)
         L = np.where(acc, laux, L)
         best = np.where(acc, cur, best)
@@ -270,6 +271,46 @@ def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray):
     pos = suml2 > 0
     out = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
     return np.where(zero, F32(0), out), np.where(zero, np.uint8(0), L)
+
+
+def _make_q3_quants(x: np.ndarray, nmax: int):
+    """ggml ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` for ``[n, G]`` groups.
+
+    Symmetric fit ``x ~ scale*(L - nmax)`` with weights ``x*x``: start from
+    ``iscale = -nmax/max`` (``max`` the signed value of the first largest |x|), then up to
+    5 coordinate-descent passes moving single ``L[i]`` (in ``-nmax..nmax-1``) while
+    ``sumlx**2/suml2`` improves.  Returns ``(scale [G], L [n, G] int32 in 0..2*nmax-1)``;
+    all-zero groups (``amax < 1e-15``) give ``scale = 0`` and ``L = 0``.
+    """
+    n = x.shape[0]
+    mx = _amax_signed(x)  # strict '>' from 0: NaN never wins, so amax == |mx|
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    iscale = F32(-nmax) / np.where(zero, F32(1), mx)
+    L = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x  # C: w*x[i]*l == (w*x[i])*l
+    lf = L.astype(F32)
+    sumlx = _seqsum(wx * lf)
+    suml2 = _seqsum((w * lf) * lf)
+    # As in _make_qp_quants, always running the 5 passes equals C's early exit.
+    for _ in range(5):
+        for i in range(n):
+            Li = L[i].astype(F32)
+            slx = sumlx - wx[i] * Li
+            ok = slx > 0  # guards the division below (NaN/inf otherwise)
+            sl2 = suml2 - (w[i] * Li) * Li
+            new_l = np.clip(_nearest_int((x[i] * sl2) / np.where(ok, slx, F32(1))), -nmax, nmax - 1)
+            ok &= new_l != L[i]
+            nl = new_l.astype(F32)
+            slx = slx + wx[i] * nl
+            sl2 = sl2 + (w[i] * nl) * nl
+            acc = ok & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+            L[i] = np.where(acc, new_l, L[i])
+            sumlx = np.where(acc, slx, sumlx)
+            suml2 = np.where(acc, sl2, suml2)
+    pos = suml2 > 0
+    scale = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax)
 
 
 # --------------------------------------------------------------------------- legacy 32-blocks
@@ -384,16 +425,18 @@ def _legacy_qx_impl(xg, qw, nmax):
     return _fp16(scale)[:, None], L
 
 
-def _q5_1(xg, qw):
-    """Q5_1 block (24 bytes): ``d`` fp16 | ``m`` fp16 | ``qh`` u32 | ``qs[16]``; x = d*q + m.
+def _q4_1_q5_1(xg, qw, nbits):
+    """Shared part of Q4_1 (``nbits`` 4) and Q5_1 (5): ``(fp16 d [B], fp16 m [B], q [32, B])``.
 
-    No imatrix: ``quantize_row_q5_1_ref``: block min/max (sequential, so an all-zero block
-    keeps the sign of its first zero in ``m``), ``d = (max-min)/31``,
-    ``q = (uint8_t)((x-min)*id + 0.5f)`` unclamped.
-    With imatrix: ``quantize_row_q5_1_impl``: whole-row ``sigma2``,
-    ``make_qkx3_quants(32, 31, x, qw*sqrtf(sigma2+x*x), -0.9, 0.05, 36)``, ``m = -the_min``.
+    No imatrix: ``quantize_row_q4_1_ref`` / ``_q5_1_ref``: block min/max (sequential, so an
+    all-zero block keeps the sign of its first zero in ``m``), ``d = (max-min)/qmax``,
+    ``id = d ? 1/d : 0``; Q4_1 stores ``MIN(15, (int8_t)((x-min)*id + 0.5f))``, Q5_1
+    ``(uint8_t)((x-min)*id + 0.5f)`` unclamped.
+    With imatrix: ``quantize_row_q4_1_impl`` / ``_q5_1_impl``: whole-row ``sigma2``,
+    ``make_qkx3_quants(32, qmax, x, qw*sqrtf(sigma2+x*x), -0.9, 0.05, 36)``, ``m = -the_min``.
     """
     R, n = xg.shape
+    qmax = (1 << nbits) - 1
     xc = _columns(xg.reshape(-1, 32))
     if qw is None:
         mn = np.full(xc.shape[1:], np.finfo(F32).max, F32)
@@ -401,18 +444,30 @@ def _q5_1(xg, qw):
         for v in xc:
             mn = np.where(v < mn, v, mn)
             mx = np.where(v > mx, v, mx)
-        d = (mx - mn) / F32(31)
+        d = (mx - mn) / F32(qmax)
         nz = d != 0
         id_ = np.where(nz, F32(1) / np.where(nz, d, F32(1)), F32(0))
-        q = _u8(_cvt_i32((xc - mn) * id_ + F32(0.5)))
-        d16, m16 = _fp16(d), _fp16(mn)
-    else:
-        nb = n // 32
-        sigma2 = np.repeat(_row_sigma2(xg), nb)
-        qwc = np.tile(qw.reshape(nb, 32), (R, 1)).T
-        w = qwc * np.sqrt(sigma2 + xc * xc)
-        scale, the_min, q = _make_qkx_quants(xc, w, 31, -0.9, 0.05, 36, le=True)
-        d16, m16 = _fp16(scale), _fp16(-the_min)
+        q = _cvt_i32((xc - mn) * id_ + F32(0.5))
+        if nbits == 4:
+            q = np.minimum(15, q.astype(np.int8).astype(np.int32))
+        return _fp16(d), _fp16(mn), _u8(q)
+    nb = n // 32
+    sigma2 = np.repeat(_row_sigma2(xg), nb)
+    qwc = np.tile(qw.reshape(nb, 32), (R, 1)).T
+    w = qwc * np.sqrt(sigma2 + xc * xc)
+    scale, the_min, q = _make_qkx_quants(xc, w, qmax, -0.9, 0.05, 36, le=True)
+    return _fp16(scale), _fp16(-the_min), q
+
+
+def _q4_1(xg, qw):
+    """Q4_1 block (20 bytes): ``d`` fp16 | ``m`` fp16 | ``qs[16]``: ``q[j] | q[j+16] << 4``; x = d*q + m."""
+    d16, m16, q = _q4_1_q5_1(xg, qw, 4)
+    return _bytes(d16[:, None], m16[:, None], _pack_nibbles(q))
+
+
+def _q5_1(xg, qw):
+    """Q5_1 block (24 bytes): ``d`` fp16 | ``m`` fp16 | ``qh`` u32 | ``qs[16]``; x = d*q + m."""
+    d16, m16, q = _q4_1_q5_1(xg, qw, 5)
     return _bytes(d16[:, None], m16[:, None], _pack_qh32(q), _pack_nibbles(q))
 
 
@@ -598,15 +653,145 @@ def _q6_k(xg, qw):
     return out
 
 
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """Quants ``[NB, 256]`` in 0..3 -> ``qs[64]``: ``qs[32c + l] = sum_k L[128c + 32k + l] << 2k``."""
+    Lb = L.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (Lb[:, :, 0] | (Lb[:, :, 1] << 2) | (Lb[:, :, 2] << 4) | (Lb[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _row_weights16(blocks, qw, sigma2):
+    """``qw[16j + l] * sqrtf(sigma2 + x*x)`` for ``[NB, 256]`` super-blocks -> ``[16, NB*16]``."""
+    NB = blocks.shape[0]
+    xc = _columns(blocks.reshape(-1, 16))
+    nsb = qw.size // QK_K
+    qwc = np.tile(qw.reshape(-1, 16), (NB // nsb, 1)).T
+    return xc, qwc * np.sqrt(np.repeat(sigma2, 16) + xc * xc)
+
+
+def _q2_k(xg, qw):
+    """Q2_K super-block (84 bytes): ``scales[16]`` | ``qs[64]`` | ``d`` fp16 | ``dmin`` fp16.
+
+    ``scales[j] = sc_j | m_j << 4`` (4-bit scale and min of the 16 values of sub-block j);
+    x = d*sc_j*L - dmin*m_j, ``L`` in 0..3 packed by ``_pack_2bit``.
+
+    * no imatrix (``quantize_row_q2_K_ref``): ``make_qkx2_quants(16, 3, x, |x|, -0.5, 0.1,
+      15, use_mad=true)``; ``max_scale``/``max_min`` from 0 by strict ``>``;
+      ``sc_j = nearest_int(15/max_scale*s_j)`` stored unclamped (modulo 256), d =
+      max_scale/15 (0 and sc 0 if ``max_scale <= 0``); mins likewise.
+    * imatrix (``quantize_row_q2_K_impl``): ``sigma2 = sum_{256} x^2/256``, weights
+      ``qw*sqrtf(sigma2 + x*x)``, ``make_qkx3_quants(16, 3, ..., -0.9, 0.05, 36)``; 4-bit
+      scales and mins from ``make_qp_quants(16, 15, ., sw)`` (``sw`` sub-block weight sums).
+
+    Then every sub-block with ``d*sc != 0`` is requantized with the stored values:
+    ``L = clamp(nearest_int((x + dmin*m)/(d*sc)), 0, 3)``.
+    """
+    blocks = xg.reshape(-1, QK_K)
+    NB = blocks.shape[0]
+    if qw is None:
+        xc = _columns(blocks.reshape(-1, 16))  # [16, NB*16], column = 16*superblock + j
+        scale, the_min, L = _make_qkx_quants(xc, np.abs(xc), 3, -0.5, 0.1, 15, le=False, mad=True)
+        scales = scale.reshape(NB, 16)
+        mins = the_min.reshape(NB, 16)
+        max_scale = np.zeros(NB, F32)
+        max_min = np.zeros(NB, F32)
+        for j in range(16):
+            max_scale = np.where(scales[:, j] > max_scale, scales[:, j], max_scale)
+            max_min = np.where(mins[:, j] > max_min, mins[:, j], max_min)
+        ps = max_scale > 0
+        pm = max_min > 0
+        inv_s = F32(15) / np.where(ps, max_scale, F32(1))
+        inv_m = F32(15) / np.where(pm, max_min, F32(1))
+        ls = np.where(ps[:, None], _nearest_int(inv_s[:, None] * scales), 0)
+        lm = np.where(pm[:, None], _nearest_int(inv_m[:, None] * mins), 0)
+        d16 = _fp16(np.where(ps, max_scale / F32(15), F32(0)))
+        dmin16 = _fp16(np.where(pm, max_min / F32(15), F32(0)))
+    else:
+        sigma2 = _seqsum(_columns(blocks * blocks)) / F32(QK_K)
+        xc, w = _row_weights16(blocks, qw, sigma2)
+        sw = _seqsum(w)
+        scale, the_min, L = _make_qkx_quants(xc, w, 3, -0.9, 0.05, 36, le=True)
+        swc = _columns(sw.reshape(NB, 16))
+        dm, ls = _make_qp_quants(_columns(scale.reshape(NB, 16)), 15, swc)
+        mm, lm = _make_qp_quants(_columns(the_min.reshape(NB, 16)), 15, swc)
+        ls, lm = ls.T.astype(np.int32), lm.T.astype(np.int32)
+        d16 = _fp16(dm)
+        dmin16 = _fp16(mm)
+    sc = _u8(ls | (lm << 4))  # uint8_t field: C keeps the low byte
+    d = (d16.astype(F32)[:, None] * (sc & 0xF).astype(F32)).reshape(-1)
+    dm = (dmin16.astype(F32)[:, None] * (sc >> 4).astype(F32)).reshape(-1)
+    skip = d == 0
+    lr = np.clip(_nearest_int((xc + dm) / np.where(skip, F32(1), d)), 0, 3)
+    L = np.where(skip, L, lr)
+    qs = _pack_2bit(L.T.reshape(NB, QK_K))
+    return _bytes(sc, qs, d16[:, None], dmin16[:, None])
+
+
+def _q3_k(xg, qw):
+    """Q3_K super-block (110 bytes): ``hmask[32]`` | ``qs[64]`` | ``scales[12]`` | ``d`` fp16.
+
+    x = d*(sc_j - 32)*(L - 4), ``L`` in 0..7: bit 2 of ``L[32k + m]`` is bit k of
+    ``hmask[m]``, the low 2 bits are packed by ``_pack_2bit``.  The 16 six-bit scales
+    ``l_j`` (0..63): ``scales[j] = l_j & 15 | (l_{j+8} & 15) << 4`` (j < 8) and
+    ``scales[8 + k] = sum_g (l_{4g+k} >> 4) << 2g``.
+
+    * no imatrix (``quantize_row_q3_K_ref``): ``make_q3_quants(16, 4, x, L, true)`` per
+      sub-block; the signed scale of largest magnitude gives ``iscale = -32/max_scale``,
+      ``l_j = clamp((int8_t)nearest_int(iscale*s_j), -32, 31) + 32``, ``d = fp16(1/iscale)``;
+      all scales 0 if ``max_scale == 0``.
+    * imatrix (``quantize_row_q3_K_impl``): ``sigma2 = 2*sum_{256} x^2/256``, weights
+      ``qw*sqrtf(sigma2 + x*x)``, ``make_qx_quants(16, 4, x, L, 1, weights)``; then
+      ``d = make_qx_quants(16, 32, scales, l, 1, sw)`` (``sw`` sub-block weight sums).
+
+    Then every sub-block with ``d*(l_j - 32) != 0`` is requantized with the stored values:
+    ``L = clamp(nearest_int(x/(d*(l_j-32))), -4, 3) + 4``.
+    """
+    blocks = xg.reshape(-1, QK_K)
+    NB = blocks.shape[0]
+    if qw is None:
+        xc = _columns(blocks.reshape(-1, 16))
+        scale, L = _make_q3_quants(xc, 4)
+        max_scale = _amax_signed(_columns(scale.reshape(NB, 16)))
+        nz = max_scale != 0
+        iscale = F32(-32) / np.where(nz, max_scale, F32(1))
+        l = _nearest_int(iscale[:, None] * scale.reshape(NB, 16)).astype(np.int8)  # int8_t l = ...
+        l = np.where(nz[:, None], np.clip(l.astype(np.int32), -32, 31) + 32, 0)
+        d16 = _fp16(np.where(nz, F32(1) / iscale, F32(0)))
+    else:
+        sigma2 = (F32(2) * _seqsum(_columns(blocks * blocks))) / F32(QK_K)
+        xc, w = _row_weights16(blocks, qw, sigma2)
+        sw = _seqsum(w)
+        scale, L = _make_qx_quants(xc, 4, w)
+        d_block, l = _make_qx_quants(_columns(scale.reshape(NB, 16)), 32, _columns(sw.reshape(NB, 16)))
+        l = l.T
+        d16 = _fp16(d_block)
+    l = l.astype(np.int32)
+    s12 = np.zeros((NB, 12), np.uint8)
+    s12[:, :8] = _u8((l[:, :8] & 15) | ((l[:, 8:] & 15) << 4))
+    s12[:, 8:] = _u8((l[:, 0:4] >> 4) | ((l[:, 4:8] >> 4) << 2) | ((l[:, 8:12] >> 4) << 4) | ((l[:, 12:] >> 4) << 6))
+    d = (d16.astype(F32)[:, None] * (l - 32).astype(F32)).reshape(-1)
+    skip = d == 0
+    lr = np.clip(_nearest_int(xc / np.where(skip, F32(1), d)), -4, 3) + 4
+    L = np.where(skip, L, lr).T.reshape(NB, QK_K)
+    hi = (L > 3).reshape(NB, 8, 32).astype(np.uint8)
+    hmask = np.zeros((NB, 32), np.uint8)
+    for k in range(8):
+        hmask |= hi[:, k] << k
+    qs = _pack_2bit(np.where(L > 3, L - 4, L))
+    return _bytes(hmask, qs, s12, d16[:, None])
+
+
 #: name -> (block size, bytes per block, kernel(x_rows_group, qw_or_None) -> bytes[nblocks, size])
 _KERNELS = {
     "Q8_0": (32, 34, _q8_0),
     "Q4_0": (32, 18, _q4_0),
     "Q5_0": (32, 22, _q5_0),
+    "Q4_1": (32, 20, _q4_1),
     "Q5_1": (32, 24, _q5_1),
     "Q4_K": (QK_K, 144, _q4_k),
     "Q5_K": (QK_K, 176, _q5_k),
     "Q6_K": (QK_K, 210, _q6_k),
+    "Q2_K": (QK_K, 84, _q2_k),
+    "Q3_K": (QK_K, 110, _q3_k),
 }
 
 NAMES = tuple(_KERNELS)

@@ -35,7 +35,7 @@ except ImportError as e:  # optional dependency
 
 from . import QuantError
 
-__all__ = ["DEVICES", "quantize_rows"]
+__all__ = ["DEVICES", "NAMES", "quantize_rows"]
 
 _F32 = torch.float32
 _I32 = torch.int32
@@ -193,15 +193,16 @@ def _bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
 # the searches of ggml-quants.c, vectorized over groups (layout [n, groups])
 
 
-def _make_qx_quants(k: _Ctx, x: torch.Tensor, nmax: int, w: torch.Tensor | None):
+def _make_qx_quants(k: _Ctx, x: torch.Tensor, nmax: int, w: torch.Tensor | None, nan_safe: bool = False):
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w)``; w=None means x*x.
-    Returns (scale [G], L [n, G] float in 0..2*nmax-1).
+    Returns (scale [G], L [n, G] float in 0..2*nmax-1).  ``nan_safe``: x may hold NaN
+    (scales fitted to overflowing weights), which never wins C's ``ax > amax``.
 
     In the search |iscale*x| <= nmax+1 for every group with amax >= eps (the others are
     masked at the end), so ``torch.round`` equals ``nearest_int`` there; L is rebuilt once
     from the chosen iscale with the exact emulation."""
     n = x.shape[0]
-    amax, mx = _first_absmax(x)
+    amax, mx = _first_absmax(x, nan_safe=nan_safe)
     small = amax < _EPS
     if w is None:
         w = x * x
@@ -238,9 +239,15 @@ def _make_qx_quants(k: _Ctx, x: torch.Tensor, nmax: int, w: torch.Tensor | None)
     return scale, L
 
 
-def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
+def _err(diff: torch.Tensor, mad: bool) -> torch.Tensor:
+    """In place: ``|diff|`` (use_mad) or ``diff*diff``."""
+    return diff.abs_() if mad else diff.mul_(diff)
+
+
+def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq, mad=False):
     """``make_qkx2_quants`` (strict_eq: degenerate when max == min) or ``make_qkx3_quants``
-    (max <= min) with weights w, use_mad false.  Returns (scale, min, L): ggml's
+    (max <= min) with weights w; errors are ``w*diff*diff``, or ``w*|diff|`` with ``mad``
+    (ggml's ``use_mad``).  Returns (scale, min, L): ggml's
     ``the_min`` is ``-min``; ``min`` keeps the sign of zero that ggml carries.
 
     Each step uses ``torch.round`` for ``nearest_int`` when a per-group bound shows
@@ -276,7 +283,7 @@ def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
     scale = k.div(1.0, sel_is)
     L = quants(sel_is, torch.empty_like(x))
     torch.mul(L, scale, out=buf).add_(mn).sub_(x)  # scale*L + min - x
-    best = _seqsum(buf.mul_(buf).mul_(w))  # w*(diff*diff)
+    best = _seqsum(_err(buf, mad).mul_(w))  # w*(diff*diff) or w*|diff|
 
     T = torch.empty((n, 3) + x.shape[1:], dtype=_F32, device=x.device)
     for step in range(nstep + 1):
@@ -295,7 +302,7 @@ def _make_qkx(k: _Ctx, x, w, nmax, rmin, rdelta, nstep, strict_eq):
         this_min = torch.where(mpos, 0.0, this_min)
         this_scale = torch.where(mpos, k.div(sum_xl, sum_l2), this_scale)
         torch.mul(laux, this_scale, out=buf).add_(this_min).sub_(x)  # this_scale*Laux + this_min - x
-        cur = _seqsum(buf.mul_(buf).mul_(w))
+        cur = _seqsum(_err(buf, mad).mul_(w))
         acc = (D > 0) & (cur < best)
         sel_is = torch.where(acc, iscale, sel_is)
         sel_mn = torch.where(acc, mn, sel_mn)
@@ -359,6 +366,44 @@ def _make_qp_quants(k: _Ctx, x, w, nmax):
     scale = torch.where(suml2 > 0, k.div(sumlx, suml2), 0.0)
     scale = torch.where(small, 0.0, scale)
     L = torch.where(small, 0.0, L)
+    return scale, L
+
+
+def _make_q3_quants(k: _Ctx, x, nmax):
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` over [n, G]: symmetric fit with
+    weights x*x from ``iscale = -nmax/max``, then up to 5 coordinate-descent passes.
+    Returns (scale [G], L [n, G] float in 0..2*nmax-1; 0 for all-zero groups)."""
+    n = x.shape[0]
+    lo, hi = float(-nmax), float(nmax - 1)
+    amax, mx = _first_absmax(x)
+    small = amax < _EPS
+    iscale = k.div(float(-nmax), mx)
+    L = torch.clamp(_nint(iscale * x), lo, hi)
+    w = x * x
+    wx = w * x  # (w*x)*l
+    sumlx = _seqsum(wx * L)
+    suml2 = _seqsum(w * L * L)
+    for _ in range(5):
+        changed = torch.zeros(x.shape[1:], dtype=torch.bool, device=x.device)
+        for i in range(n):
+            wi, xi, wxi, li = w[i], x[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            ok = slx > 0  # guards the division (inf/NaN where it fails, masked)
+            sl2 = suml2 - wi * li * li
+            new_l = torch.clamp(_nint(k.div(xi * sl2, slx)), lo, hi)
+            ok &= new_l != li
+            slx = slx + wxi * new_l
+            sl2 = sl2 + wi * new_l * new_l
+            ok &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+            changed |= ok
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, k.div(sumlx, suml2), 0.0)
+    scale = torch.where(small, 0.0, scale)
+    L = torch.where(small, 0.0, L + float(nmax))
     return scale, L
 
 
@@ -473,19 +518,6 @@ def _q4_0_q5_0_impl(k, xr, qw, bits):
     return _pack_32(db, None, L.t().to(_I32), bits, rows)
 
 
-def _q5_1_impl(k, xr, qw):
-    rows = xr.shape[0]
-    sigma2 = _row_sigma2(k, xr)
-    X = _groups(xr, 32)
-    nb = xr.shape[1] // 32
-    s2 = sigma2.repeat_interleave(nb)
-    W = _qw_groups(qw, 32, rows) * _sqrt(s2 + X * X)
-    scale, mn, L = _make_qkx(k, X, W, 31, -0.9, 0.05, 36, strict_eq=False)
-    db, _ = _fp16_bytes(scale)
-    mb, _ = _fp16_bytes(mn)  # fp16(-the_min)
-    return _pack_32(db, mb, L.t().to(_I32), 5, rows)
-
-
 def _qk_45(k, xr, qw, nmax):
     """Q4_K (nmax 15) / Q5_K (nmax 31): ``quantize_row_q{4,5}_K_ref`` without imatrix,
     ``quantize_row_q{4,5}_K_impl`` with one."""
@@ -579,15 +611,142 @@ def _q6_k(k, xr, qw):
     return out.reshape(rows, -1)
 
 
+def _q4_1_ref(k, xr):
+    xb = xr.reshape(-1, 32)
+    mn = _first_ext(xb, False, 1)
+    mx = _first_ext(xb, True, 1)
+    d = k.div(mx - mn, 15.0)
+    idn = torch.where(d != 0, k.div(1.0, d), 0.0)
+    v = (xb - mn[:, None]) * idn[:, None] + 0.5  # in [0.5, 15.5] unless id or max-min is inf
+    q = torch.floor(v).clamp_(max=15.0)  # MIN(15, (int8_t)v), v >= 0
+    q = _zero_bad_blocks(q, torch.isinf(idn) | torch.isinf(mx - mn))
+    db, _ = _fp16_bytes(d)
+    mb, _ = _fp16_bytes(mn)
+    return _pack_32(db, mb, q.to(_I32), 4, xr.shape[0])
+
+
+def _q4_1_q5_1_impl(k, xr, qw, bits):
+    rows = xr.shape[0]
+    sigma2 = _row_sigma2(k, xr)
+    X = _groups(xr, 32)
+    nb = xr.shape[1] // 32
+    s2 = sigma2.repeat_interleave(nb)
+    W = _qw_groups(qw, 32, rows) * _sqrt(s2 + X * X)
+    scale, mn, L = _make_qkx(k, X, W, (1 << bits) - 1, -0.9, 0.05, 36, strict_eq=False)
+    db, _ = _fp16_bytes(scale)
+    mb, _ = _fp16_bytes(mn)  # fp16(-the_min)
+    return _pack_32(db, mb, L.t().to(_I32), bits, rows)
+
+
+def _sum_x2_256(X: torch.Tensor, nsb: int) -> torch.Tensor:
+    """Per super-block, from groups [16, nsb*16]: the sequential sum of x*x over its 256
+    values in memory order (sub-block j, then l)."""
+    X2 = (X * X).view(16, nsb, 16)  # [l, sb, j]
+    s = X2[0, :, 0] + 0.0
+    for j in range(16):
+        for i in range(16):
+            if i or j:
+                s.add_(X2[i, :, j])
+    return s
+
+
+def _pack_2bit(L: torch.Tensor, nsb: int) -> torch.Tensor:
+    """L [256, nsb]-ordered as groups [16, nsb*16] with values 0..3 -> qs [nsb, 64] uint8:
+    ``qs[32c + l] = sum_k L[128c + 32k + l] << 2k``."""
+    Lb = L.t().to(_I32).reshape(nsb, 2, 4, 32)
+    sh = torch.tensor([0, 2, 4, 6], device=L.device, dtype=_I32).view(1, 1, 4, 1)
+    return _u8((Lb << sh).sum(2)).reshape(nsb, 64)  # integer sum: exact
+
+
+def _q2_k(k, xr, qw):
+    """``quantize_row_q2_K_ref`` / ``quantize_row_q2_K_impl`` (see quant/_numpy.py)."""
+    rows = xr.shape[0]
+    X = _groups(xr, 16)  # [16, G], G = nsb*16
+    G = X.shape[1]
+    nsb = G // 16
+    if qw is None:
+        scales, mn, L = _make_qkx(k, X, torch.abs(X), 3, -0.5, 0.1, 15, strict_eq=True, mad=True)
+        S, M = scales.view(nsb, 16), (-mn).view(nsb, 16)
+        # C: ``if (scale > max_scale) max_scale = scale`` from 0; NaN never wins
+        smax = torch.where(torch.isnan(S), 0.0, S).amax(1)
+        mmax = torch.where(torch.isnan(M), 0.0, M).amax(1)
+        ps, pm = smax > 0, mmax > 0
+        inv_s = k.div(15.0, torch.where(ps, smax, 1.0))
+        inv_m = k.div(15.0, torch.where(pm, mmax, 1.0))
+        ls = torch.where(ps[:, None], _nint(inv_s[:, None] * S), 0.0)
+        lm = torch.where(pm[:, None], _nint(inv_m[:, None] * M), 0.0)
+        dv = torch.where(ps, k.div(smax, 15.0), 0.0)
+        mv = torch.where(pm, k.div(mmax, 15.0), 0.0)
+    else:
+        sigma2 = k.div(_sum_x2_256(X, nsb), 256.0)
+        W = _qw_groups(qw, 16, rows) * _sqrt(sigma2.repeat_interleave(16) + X * X)
+        sw = _seqsum(W)
+        scales, mn, L = _make_qkx(k, X, W, 3, -0.9, 0.05, 36, strict_eq=False)
+        swt = sw.view(nsb, 16).t()
+        dv, Ls = _make_qp_quants(k, scales.view(nsb, 16).t(), swt, 15)
+        mv, Lm = _make_qp_quants(k, (-mn).view(nsb, 16).t(), swt, 15)
+        ls, lm = Ls.t(), Lm.t()
+    sc = (ls.to(torch.int64) | (lm.to(torch.int64) << 4)) & 255  # uint8_t field: the low byte
+    db, d16 = _fp16_bytes(dv)
+    mb, m16 = _fp16_bytes(mv)
+    d = (d16[:, None] * (sc & 15).to(_F32)).reshape(G)
+    dm = (m16[:, None] * (sc >> 4).to(_F32)).reshape(G)
+    Lq = torch.clamp(_nint(k.div(X + dm, d)), 0.0, 3.0)
+    L = torch.where(d != 0, Lq, L)
+    return torch.cat([_u8(sc), _pack_2bit(L, nsb), db, mb], 1).reshape(rows, -1)
+
+
+def _q3_k(k, xr, qw):
+    """``quantize_row_q3_K_ref`` / ``quantize_row_q3_K_impl`` (see quant/_numpy.py)."""
+    rows = xr.shape[0]
+    X = _groups(xr, 16)  # [16, G], G = nsb*16
+    G = X.shape[1]
+    nsb = G // 16
+    if qw is None:
+        scales, L = _make_q3_quants(k, X, 4)
+        S = scales.view(nsb, 16)
+        _, max_scale = _first_absmax(S.t(), nan_safe=True)
+        nz = max_scale != 0
+        iscale = k.div(-32.0, torch.where(nz, max_scale, 1.0))
+        l = torch.remainder(_nint(iscale[:, None] * S) + 128.0, 256.0) - 128.0  # int8_t l = nearest_int(.)
+        l = torch.where(nz[:, None], torch.clamp(l, -32.0, 31.0) + 32.0, 0.0)
+        dv = torch.where(nz, k.div(1.0, iscale), 0.0)
+    else:
+        sigma2 = k.div(_sum_x2_256(X, nsb) * 2.0, 256.0)
+        W = _qw_groups(qw, 16, rows) * _sqrt(sigma2.repeat_interleave(16) + X * X)
+        sw = _seqsum(W)
+        scales, L = _make_qx_quants(k, X, 4, W)
+        dv, Ls = _make_qx_quants(k, scales.view(nsb, 16).t(), 32, sw.view(nsb, 16).t(), nan_safe=True)
+        l = Ls.t()
+    li = l.to(torch.int64)  # [nsb, 16], 0..63
+    s_lo = (li[:, :8] & 15) | ((li[:, 8:] & 15) << 4)
+    s_hi = (li[:, 0:4] >> 4) | ((li[:, 4:8] >> 4) << 2) | ((li[:, 8:12] >> 4) << 4) | ((li[:, 12:] >> 4) << 6)
+    db, d16 = _fp16_bytes(dv)
+    d = (d16[:, None] * (l - 32.0)).reshape(G)
+    Lq = torch.clamp(_nint(k.div(X, d)), -4.0, 3.0).add_(4.0)
+    L = torch.where(d != 0, Lq, L)
+    high = L > 3.0
+    hb = high.t().to(_I32).reshape(nsb, 8, 32)  # [sb, k, m]: bit k of hmask[m]
+    sh = torch.arange(8, device=X.device, dtype=_I32).view(1, 8, 1)
+    hmask = _u8((hb << sh).sum(1))
+    qs = _pack_2bit(torch.where(high, L - 4.0, L), nsb)
+    return torch.cat([hmask, qs, _u8(s_lo), _u8(s_hi), db], 1).reshape(rows, -1)
+
+
 _KERNELS = {
     "Q8_0": (32, 34, lambda k, x, qw: _q8_0(k, x, qw)),
     "Q4_0": (32, 18, lambda k, x, qw: _q4_0_q5_0_ref(k, x, 4) if qw is None else _q4_0_q5_0_impl(k, x, qw, 4)),
     "Q5_0": (32, 22, lambda k, x, qw: _q4_0_q5_0_ref(k, x, 5) if qw is None else _q4_0_q5_0_impl(k, x, qw, 5)),
-    "Q5_1": (32, 24, lambda k, x, qw: _q5_1_ref(k, x) if qw is None else _q5_1_impl(k, x, qw)),
+    "Q5_1": (32, 24, lambda k, x, qw: _q5_1_ref(k, x) if qw is None else _q4_1_q5_1_impl(k, x, qw, 5)),
     "Q4_K": (256, 144, lambda k, x, qw: _qk_45(k, x, qw, 15)),
     "Q5_K": (256, 176, lambda k, x, qw: _qk_45(k, x, qw, 31)),
     "Q6_K": (256, 210, lambda k, x, qw: _q6_k(k, x, qw)),
+    "Q4_1": (32, 20, lambda k, x, qw: _q4_1_ref(k, x) if qw is None else _q4_1_q5_1_impl(k, x, qw, 4)),
+    "Q2_K": (256, 84, lambda k, x, qw: _q2_k(k, x, qw)),
+    "Q3_K": (256, 110, lambda k, x, qw: _q3_k(k, x, qw)),
 }
+
+NAMES = tuple(_KERNELS)
 
 
 def _resolve_device(device) -> torch.device:

@@ -22,15 +22,27 @@ import quant
 import weights
 from quant import QuantError
 
-BLOCK_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+BLOCK_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Largest per-block reconstruction error without an imatrix, as a fraction of the block's
 #: (super-block's for K types) largest |x|, plus a small absolute term for fp16 scale
 #: underflow.  Q8_0: half a step (1/254) + fp16 rounding of d; Q4_0/Q5_0: one step at the
-#: clipped end (1/8, 1/16); Q5_1: half a step of (max-min)/31; K types: half a step plus
-#: 6-bit scale/min rounding and the search's deliberate clipping.
-ERROR_BOUND = {"Q8_0": 0.005, "Q4_0": 0.13, "Q5_0": 0.066, "Q5_1": 0.035, "Q4_K": 0.16, "Q5_K": 0.09, "Q6_K": 0.04}
+#: clipped end (1/8, 1/16); Q4_1/Q5_1: half a step of (max-min)/15 (/31); K types: half a step
+#: plus 4/6-bit scale/min rounding and the search's deliberate clipping (Q3_K: one step of
+#: amax/4 at the clipped end; Q2_K: 4 levels whose absolute-error fit may clip the extremes).
+ERROR_BOUND = {
+    "Q8_0": 0.005,
+    "Q4_0": 0.13,
+    "Q5_0": 0.066,
+    "Q4_1": 0.07,
+    "Q5_1": 0.035,
+    "Q2_K": 0.7,
+    "Q3_K": 0.3,
+    "Q4_K": 0.16,
+    "Q5_K": 0.09,
+    "Q6_K": 0.04,
+}
 ABS_SLACK = 1e-4
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -104,7 +116,7 @@ def test_type_names_case_insensitive_and_enum(spelling):
     assert quant.qtype_of(spelling).name == "Q4_K"
 
 
-@pytest.mark.parametrize("bad", ["Q3_K", "IQ4_XS", "q4", "", GGMLQuantizationType.Q2_K])
+@pytest.mark.parametrize("bad", ["Q3_K_M", "IQ4_XS", "q4", "", GGMLQuantizationType.IQ2_XXS])
 def test_unknown_type(bad):
     with pytest.raises(QuantError, match="unsupported quant type"):
         quant.quantize(np.zeros((1, 256), np.float32), bad)
@@ -113,6 +125,39 @@ def test_unknown_type(bad):
 def test_type_of_wrong_kind():
     with pytest.raises(QuantError, match="name or GGMLQuantizationType"):
         quant.quantize(np.zeros((1, 256), np.float32), 12)
+
+
+def test_backend_lacking_a_type(monkeypatch):
+    """A backend implements the types in its ``NAMES``: named explicitly, a missing type is a
+    QuantError naming both; as the default backend, numpy quantizes that type instead."""
+    import types
+
+    from quant import _numpy
+
+    calls = []
+
+    def quantize_rows(name, x, qw, threads=None):
+        calls.append(name)
+        return _numpy.quantize_rows(name, x, qw, threads=threads)
+
+    partial = types.SimpleNamespace(NAMES=("Q8_0",), quantize_rows=quantize_rows)
+    monkeypatch.setitem(quant._BACKEND_MODULES, "partial", "quant._partial_test_backend")
+    monkeypatch.setitem(quant._loaded, "partial", partial)
+    x = weights.make("student_t", 2, 256)
+    with pytest.raises(QuantError, match=r"backend 'partial' does not implement Q3_K"):
+        quant.quantize(x, "Q3_K", backend="partial")
+    assert calls == []
+    monkeypatch.setenv("GGUF_MOE_QUANT_BACKEND", "partial")
+    got = quant.quantize(x, "Q3_K")
+    assert calls == [] and np.array_equal(got, quant.quantize(x, "Q3_K", backend="numpy"))
+    quant.quantize(x, "Q8_0")
+    assert calls == ["Q8_0"]
+
+
+def test_every_type_in_the_numpy_backend():
+    from quant import _numpy
+
+    assert set(_numpy.NAMES) == set(quant.BLOCK_TYPES)
 
 
 def test_unknown_backend():

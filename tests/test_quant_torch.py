@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 T = pytest.importorskip("quant._torch")
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
-TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 ROOT = Path(__file__).resolve().parent.parent
 F32 = np.float32
 
@@ -272,7 +272,7 @@ def test_read_only_input_is_accepted_without_warning(recwarn):
 def test_bad_arguments_raise_quant_error():
     x = np.zeros((2, 256), F32)
     with pytest.raises(QuantError, match="unsupported type"):
-        T.quantize_rows("Q2_K", x, None, device="cpu")
+        T.quantize_rows("IQ2_XXS", x, None, device="cpu")
     with pytest.raises(QuantError, match="multiple of the block size 256"):
         T.quantize_rows("Q4_K", np.zeros((2, 288), F32), None, device="cpu")
     with pytest.raises(QuantError, match=r"expected \(256,\)"):
