@@ -47,8 +47,9 @@ __all__ = [
     "finite_rows",
 ]
 
-#: safetensors dtype -> (numpy dtype of the stored words, bytes per element)
-_DTYPES: dict[str, tuple[type, int]] = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+#: safetensors dtypes we convert -> numpy dtype of the stored words
+_WORDS: dict[str, type] = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+#: bytes per element of every safetensors dtype (to check headers)
 _ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -401,7 +402,7 @@ class SourceTensor:
     @property
     def src_itemsize(self) -> int:
         """Bytes per element in the checkpoint (2 for BF16/F16, 4 for F32)."""
-        return _DTYPES[self.src_dtype][1]
+        return _ITEMSIZE[self.src_dtype]
 
     def iter_stored(self, max_rows: int) -> Iterator[np.ndarray]:
         """Like ``iter_chunks``, but each chunk as stored in the checkpoint: ``uint16``
@@ -414,7 +415,7 @@ class SourceTensor:
         if self.head_rows:
             step = max(self.head_rows, step - step % self.head_rows)
         for p in self.pieces:
-            wtype, isz = _DTYPES[p.raw.dtype]
+            wtype, isz = _WORDS[p.raw.dtype], _ITEMSIZE[p.raw.dtype]
             for r0 in range(0, p.nrows, step):
                 n = min(step, p.nrows - r0)
                 x = p.raw.shard.read(p.offset + r0 * p.ncols * isz, n * p.ncols * isz, wtype).reshape(n, p.ncols)
@@ -457,14 +458,18 @@ class SourceModel:
         return self.hparams["n_expert"]
 
     def close(self) -> None:
-        for s in {id(t.shard): t.shard for t in self.raw.values()}.values():
-            s.close()
+        _close_shards(self.raw)
 
     def __enter__(self) -> SourceModel:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_shards(raw: dict[str, RawTensor]) -> None:
+    for s in {id(t.shard): t.shard for t in raw.values()}.values():
+        s.close()
 
 
 def _expect_shape(raw: RawTensor, want: tuple[int, ...], what: str) -> None:
@@ -476,7 +481,7 @@ def _expect_shape(raw: RawTensor, want: tuple[int, ...], what: str) -> None:
 
 
 def _check_dtype(raw: RawTensor) -> None:
-    if raw.dtype not in _DTYPES:
+    if raw.dtype not in _WORDS:
         raise LayoutMismatch(f"{raw.where} has dtype {raw.dtype}; only BF16, F16 and F32 weights can be converted")
 
 
@@ -524,7 +529,7 @@ def _build(
         _check_dtype(t)
         sources.append(hf)
         used.add(hf)
-        isz = _DTYPES[t.dtype][1]
+        isz = _ITEMSIZE[t.dtype]
         if rule.kind == "fused_experts":
             i, n = rule.part
             E, rows, cols = shape
@@ -639,8 +644,7 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
                 "check num_hidden_layers in config.json"
             )
     except BaseException:
-        for s in {id(t.shard): t.shard for t in raw.values()}.values():
-            s.close()
+        _close_shards(raw)
         raise
     rope_freqs = _llama3_rope_factors(hp) if spec.gguf_arch == MODEL_ARCH.LLAMA else None
     if rope_freqs is not None:
