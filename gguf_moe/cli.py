@@ -6,6 +6,7 @@ Exit status: 0 success, 1 failure (one ``error: ...`` line on stderr, no traceba
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -128,14 +129,40 @@ class _RichProgress:
     def finish(self) -> None:
         self.p.stop()
 
-    def stop(self) -> None:
-        self.p.stop()
+    stop = finish  # rich's Progress.stop may be called again
 
 
+@contextlib.contextmanager
 def _progress(quiet: bool, label: str):
-    if quiet or not sys.stderr.isatty():
+    """A progress display on stderr (None when quiet or stderr is not a terminal),
+    stopped however the block ends."""
+    prog = None if quiet or not sys.stderr.isatty() else _RichProgress(label)
+    try:
+        yield prog
+    finally:
+        if prog is not None:
+            prog.stop()
+
+
+def _quant_options(f):
+    """``--threads``, ``--backend`` and ``--imatrix``, shared by ``convert`` and ``quantize``."""
+    f = click.option(
+        "--imatrix",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="Importance matrix from llama-imatrix (GGUF or legacy .dat), used as llama-quantize uses it.",
+    )(f)
+    f = click.option(
+        "--backend", callback=_backend_callback, help="Quantization backend: numpy, numba, torch, torch:cpu, torch:cuda."
+    )(f)
+    return click.option("--threads", type=click.IntRange(min=1), help="Quantization threads (default: all cores).")(f)
+
+
+def _load_imatrix(path: Path | None):
+    if path is None:
         return None
-    return _RichProgress(label)
+    from gguf_moe.imatrix import load_imatrix
+
+    return load_imatrix(path)
 
 
 def _shape_str(shape) -> str:
@@ -181,13 +208,7 @@ def _print_plan(model, plans) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, type, bytes; totals per output) and write nothing.")
 @click.option("--pre-tokenizer", metavar="NAME", help="llama.cpp BPE pre-tokenizer name, when it cannot be recognized.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@click.option("--threads", type=click.IntRange(min=1), help="Quantization threads (default: all cores).")
-@click.option("--backend", callback=_backend_callback, help="Quantization backend: numpy, numba, torch, torch:cpu, torch:cuda.")
-@click.option(
-    "--imatrix",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Importance matrix from llama-imatrix (GGUF or legacy .dat), used as llama-quantize uses it.",
-)
+@_quant_options
 @click.option("--recipe/--no-recipe", default=True, help="Store the mergekit-moe recipe (moe.* and general.base_model.* keys).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
 def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet):
@@ -201,11 +222,7 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
         raise click.UsageError("-o/--output takes one -t; use --outdir for several output types")
     if output is None and outdir is None and not dry_run:
         raise click.UsageError("give -o OUT.gguf (one -t) or --outdir DIR")
-    im = None
-    if imatrix is not None:
-        from gguf_moe.imatrix import load_imatrix
-
-        im = load_imatrix(imatrix)
+    im = _load_imatrix(imatrix)
     model = open_model(src_dir)
     try:
         if output is not None:
@@ -220,15 +237,11 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
             return
         if outdir is not None:
             outdir.mkdir(parents=True, exist_ok=True)
-        prog = _progress(quiet, "convert")
-        try:
+        with _progress(quiet, "convert") as prog:
             written = conv.convert(
                 model, plans, force=force, pre_tokenizer=pre_tokenizer, recipe=recipe,
                 backend=backend, threads=threads, progress=prog, imatrix=im,
             )  # fmt: skip
-        finally:
-            if prog is not None:
-                prog.stop()
         if not quiet:
             for o, path in zip(plans, written):
                 click.echo(f"wrote {path} ({o.preset.name}, {_fmt_bytes(path.stat().st_size)}, {o.bits_per_weight:.2f} bpw)")
@@ -244,29 +257,15 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("type_", metavar="TYPE", callback=_type_callback)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--threads", type=click.IntRange(min=1), help="Quantization threads (default: all cores).")
-@click.option("--backend", callback=_backend_callback, help="Quantization backend: numpy, numba, torch, torch:cpu, torch:cuda.")
-@click.option(
-    "--imatrix",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Importance matrix from llama-imatrix (GGUF or legacy .dat), used as llama-quantize uses it.",
-)
+@_quant_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
 def quantize(src, dst, type_, force, threads, backend, imatrix, quiet):
     """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does."""
     from gguf_moe.convert import requantize
 
-    im = None
-    if imatrix is not None:
-        from gguf_moe.imatrix import load_imatrix
-
-        im = load_imatrix(imatrix)
-    prog = _progress(quiet, "quantize")
-    try:
+    im = _load_imatrix(imatrix)
+    with _progress(quiet, "quantize") as prog:
         out = requantize(src, dst, type_, force=force, backend=backend, threads=threads, progress=prog, imatrix=im)
-    finally:
-        if prog is not None:
-            prog.stop()
     if not quiet:
         click.echo(f"wrote {out} ({type_.name}, {_fmt_bytes(out.stat().st_size)})")
 
@@ -284,12 +283,8 @@ def demo(outdir, backend, quiet):
     against the source and print a table.  The demo's own files in OUTDIR are rebuilt."""
     from gguf_moe.demo import run_demo
 
-    prog = _progress(quiet, "convert")
-    try:
+    with _progress(quiet, "convert") as prog:
         run_demo(outdir, backend=backend, quiet=quiet, progress=prog)
-    finally:
-        if prog is not None:
-            prog.stop()
 
 
 def _add_validate_commands() -> None:
