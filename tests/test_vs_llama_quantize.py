@@ -22,7 +22,7 @@ from gguf_moe.synth import make_model
 from gguf_moe.validate import read_header
 from oracle import llama_model_quantize
 
-QUANTS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_S", "Q5_K_S"]
+QUANTS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_S", "Q5_K_S", "Q3_K_M", "Q2_K"]
 
 MODELS = {
     # mergekit's Transformers-5 layout, 4 experts (one repeated), 4 layers so the
@@ -70,8 +70,9 @@ def _kvs(h):
     return out
 
 
-def compare(ours: Path, theirs: Path) -> dict:
-    """Tensor-by-tensor comparison; returns counts (and asserts with a precise message)."""
+def compare(ours: Path, theirs: Path, *, extra_kvs: str | None = None) -> dict:
+    """Tensor-by-tensor comparison; returns counts (and asserts with a precise message).
+    ``extra_kvs``: a key prefix only our file has (left out of the KV comparison)."""
     a, b = read_header(ours), read_header(theirs)
     names_a, names_b = [t.name for t in a.tensors], [t.name for t in b.tensors]
     assert names_a == names_b, f"tensor order differs: first difference at {next(i for i, (x, y) in enumerate(zip(names_a, names_b)) if x != y)}"
@@ -92,6 +93,8 @@ def compare(ours: Path, theirs: Path) -> dict:
         n_bytes += ta.n_bytes
     assert not mismatches, "; ".join(mismatches[:5])
     ka, kb = _kvs(a), _kvs(b)
+    if extra_kvs:
+        ka = [kv for kv in ka if not kv[0].startswith(extra_kvs)]
     assert [k for k, *_ in ka] == [k for k, *_ in kb], "KV keys or their order differ"
     for x, y in zip(ka, kb):
         assert x == y, f"KV {x[0]}: ours {x[1]} {str(x[2])[:80]} vs llama.cpp {y[1]} {str(y[2])[:80]}"
@@ -130,6 +133,38 @@ def test_llama_quantize_from_f32_equals_from_bf16(pipeline, tmp_path):
     assert sha256(out) == sha256(ref["Q4_K_M"])
 
 
+def test_q4_0_with_imatrix_is_byte_identical_to_llama_quantize(tmp_path):
+    """Q4_0 with an importance matrix: llama.cpp writes ffn_down of the first n_layer/8
+    layers as Q4_1 (with the weights); the direct output must be the same file."""
+    from test_imatrix import write_gguf_imatrix
+
+    src = make_model(tmp_path / "im8", layout="fused", n_layer=8, n_expert=4, duplicate_expert=True, seed=3)
+    floats = convert(src, tmp_path / "float", ["BF16"])
+    bf16 = read_header(floats["BF16"])
+    rng = np.random.default_rng(11)
+    entries, weights = {}, {}
+    for t in bf16.tensors:
+        if len(t.ne) < 2 or "norm" in t.name or "ffn_gate_inp" in t.name:
+            continue
+        n_mat = t.ne[2] if len(t.ne) == 3 else 1
+        sums = rng.gamma(0.8, 2.0, size=(n_mat, t.ne[0])).astype(np.float32)
+        counts = rng.integers(1, 4000, size=n_mat).astype(np.float32)
+        entries[t.name] = (sums, counts)
+        weights[t.name] = (sums / counts[:, None]).astype(np.float32)
+    im = tmp_path / "imatrix.gguf"
+    write_gguf_imatrix(im, entries)
+    r = CliRunner().invoke(main, ["convert", str(src), "-t", "Q4_0", "--imatrix", str(im), "-o", str(tmp_path / "direct.gguf"), "-q"])
+    assert r.exit_code == 0, r.output
+    ref = tmp_path / "ref.gguf"
+    llama_model_quantize(floats["BF16"], ref, PRESETS["Q4_0"].file_type, imatrix=weights)
+    types = {t.name: t.type_name for t in read_header(ref).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q4_1" and types["blk.1.ffn_down_exps.weight"] == "Q4_0"
+    # llama-quantize (the tool) adds quantize.imatrix.* KVs itself; llama_model_quantize does not
+    counts = compare(tmp_path / "direct.gguf", ref, extra_kvs="quantize.imatrix.")
+    assert read_header(tmp_path / "direct.gguf").kv("quantize.imatrix.entries_count") == len(entries)
+    print(f"\nQ4_0 + imatrix: {counts['tensors']} tensors, {counts['bytes']:,} data bytes identical")
+
+
 def test_mix_covers_the_interesting_rules(pipeline):
     """Guard against a vacuous pass: the files exercise the MoE/fallback rules they are meant to."""
     name, _, _, ref = pipeline
@@ -137,7 +172,14 @@ def test_mix_covers_the_interesting_rules(pipeline):
     if name == "legacy8_ff352":
         assert types["blk.0.attn_k.weight"] == "Q8_0" and types["blk.0.attn_output.weight"] == "Q5_K"
         assert types["blk.0.ffn_down_exps.weight"] in ("Q5_0", "Q8_0")  # 352 % 256 != 0
+        q2 = {t.name: t.type_name for t in read_header(ref["Q2_K"]).tensors}
+        assert q2["blk.0.attn_output.weight"] == "Q5_K" and q2["blk.0.ffn_down_exps.weight"] == "Q4_0"  # Q3_K fallback
     else:
         downs = {types[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)}
         assert downs == {"Q4_K", "Q6_K"}
         assert types["blk.0.attn_k.weight"] == "Q4_K"
+        q3 = {t.name: t.type_name for t in read_header(ref["Q3_K_M"]).tensors}
+        assert [q3[f"blk.{i}.attn_v.weight"] for i in range(4)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+        assert q3["blk.0.attn_output.weight"] == "Q4_K" and q3["blk.0.attn_q.weight"] == "Q3_K"
+        q2 = {t.name: t.type_name for t in read_header(ref["Q2_K"]).tensors}
+        assert q2["blk.0.ffn_down_exps.weight"] == "Q3_K" and q2["blk.0.ffn_up_exps.weight"] == "Q2_K"
