@@ -404,24 +404,28 @@ def requantize(
                     progress.advance(min(step, raw.nbytes - o))
             else:
                 n = shape[-1]
-                in_rb = quant.row_bytes(cur.name, n)
-                rows = raw.reshape(-1, in_rb)
-                # chunks never cross an expert (the imatrix is per expert)
-                per = shape[1] if len(shape) == 3 else rows.shape[0]
-                step = min(_max_rows(n, chunk_bytes), max(per, 1))
-                starts = [s for e0 in range(0, rows.shape[0], max(per, 1)) for s in range(e0, min(e0 + per, rows.shape[0]), step)]
-                for r0 in starts:
-                    r1 = min(r0 + step, (r0 // max(per, 1) + 1) * per, rows.shape[0])
-                    x = quant.dequantize(np.array(rows[r0:r1]), cur.name, n)
-                    if not np.isfinite(x).all():
-                        r = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-                        raise CorruptFile(f"{src}: tensor {name} row {r0 + r} holds NaN/Inf; llama.cpp cannot use it")
-                    try:
-                        qw = _imatrix_for(imatrix, name, shape, new, r0)
-                        sw.write(encode(x, new, backend=backend, threads=threads, imatrix=qw))
-                    except QuantError as e:
-                        raise CorruptFile(f"{src}: tensor {name} row {r0} -> {new.name}: {e}") from None
-                    progress.advance(rows[r0:r1].nbytes)
+                rows = raw.reshape(-1, quant.row_bytes(cur.name, n))
+                nrows = rows.shape[0]
+                per = max(1, shape[1] if len(shape) == 3 else nrows)  # chunks never cross an expert (imatrix)
+                step = _max_rows(n, chunk_bytes)
+                for e0 in range(0, nrows, per):
+                    for r0 in range(e0, min(e0 + per, nrows), step):
+                        r1 = min(r0 + step, e0 + per, nrows)
+                        x = quant.dequantize(np.array(rows[r0:r1]), cur.name, n)
+                        ok = np.isfinite(x).all(axis=1)
+                        if not ok.all():
+                            r = int(np.flatnonzero(~ok)[0])
+                            v = x[r][~np.isfinite(x[r])][0]
+                            raise CorruptFile(
+                                f"{src}: tensor {name} row {r0 + r} holds a non-finite value ({v}); "
+                                "llama.cpp cannot use NaN/Inf weights, fix the file it was made from"
+                            )
+                        try:
+                            qw = _imatrix_for(imatrix, name, shape, new, r0)
+                            sw.write(encode(x, new, backend=backend, threads=threads, imatrix=qw))
+                        except QuantError as e:
+                            raise CorruptFile(f"{src}: tensor {name} row {r0} -> {new.name}: {e}") from None
+                        progress.advance(rows[r0:r1].nbytes)
             if mm is not None and hasattr(mm, "madvise"):
                 mm.madvise(mmap.MADV_DONTNEED)
         out = sw.close()
