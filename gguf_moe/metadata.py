@@ -154,8 +154,7 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
     elif rope_type == "yarn" and factor is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
-        if rope.get("original_max_position_embeddings") is None:
-            raise ConfigError(f"{model.path / 'config.json'}: yarn rope scaling needs original_max_position_embeddings")
+        # present: normalize_hparams refuses yarn scaling without it
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         if rope.get("extrapolation_factor") is not None:
             w.add_rope_scaling_yarn_ext_factor(rope["extrapolation_factor"])

@@ -795,9 +795,6 @@ def _check_numerics(data: _Data, tensors: list[TensorInfo], rep: Report, progres
         rep.add("info", "numerics", f"scales of {n} {name} tensors are not checked")
 
 
-_FLOAT_NP = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16, T.F64: np.float64}
-
-
 def _dequantize(t: TensorInfo, raw: np.ndarray) -> np.ndarray:
     import quant
 

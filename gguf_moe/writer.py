@@ -55,7 +55,6 @@ class StreamingGGUF:
         self._i = -1
         self._written = 0
         self.data_offset = 0
-        self.bytes_total = 0
         self._created = False
 
     # -- lifecycle ----------------------------------------------------------------
@@ -87,19 +86,20 @@ class StreamingGGUF:
         b = np.ascontiguousarray(data).view(np.uint8)
         self._written += b.nbytes
         if self._written > self.sizes[self._i]:
-            raise GgufMoeError(
-                f"{self.path}: tensor {self.names[self._i]!r} got {self._written} bytes, planned {self.sizes[self._i]}"
-            )
+            self._size_error()
         b.tofile(self._fout)
 
     def _finish_tensor(self) -> None:
         if self._i < 0:
             return
         if self._written != self.sizes[self._i]:
-            raise GgufMoeError(
-                f"{self.path}: tensor {self.names[self._i]!r} got {self._written} bytes, planned {self.sizes[self._i]}"
-            )
+            self._size_error()
         self._pad()
+
+    def _size_error(self):
+        raise GgufMoeError(
+            f"{self.path}: internal error: tensor {self.names[self._i]!r} got {self._written} bytes, planned {self.sizes[self._i]}"
+        )
 
     def close(self) -> Path:
         """Finish the file, check its size and move it into place."""
@@ -116,7 +116,6 @@ class StreamingGGUF:
         if self.path.exists() and not self.force:
             raise GgufMoeError(f"{self.path}: output appeared while converting; use --force to overwrite it")
         os.replace(self.part, self.path)
-        self.bytes_total = end
         return self.path
 
     def abort(self) -> None:
