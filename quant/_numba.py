@@ -929,9 +929,10 @@ def _q3_lanes(buf, scales, Lq):
 
     Weights x*x; start from ``iscale = -4/max`` (signed largest |x|, first occurrence), then 5
     coordinate-descent passes moving single L[i] to ``nearest_int(x*sl2/slx)`` while
-    ``sumlx**2/suml2`` strictly improves (a pass without change is a no-op, so always running
-    5 equals C's early exit).  The descent's ``nearest_int`` is the exact bit trick (its
-    argument is unbounded).  Out: scales [LANES], Lq (L+4 in 0..7; 0 for all-zero lanes).
+    ``sumlx**2/suml2`` strictly improves (a pass without change is a no-op for a lane, so
+    stopping only when no lane changed equals C's per-block early exit).  The descent's
+    ``nearest_int`` is the exact bit trick (its argument is unbounded).
+    Out: scales [LANES], Lq (L+4 in 0..7; 0 for all-zero lanes).
     """
     for s in range(_NL):
         buf[_Q3AM + s] = _Z
@@ -960,6 +961,7 @@ def _q3_lanes(buf, scales, Lq):
             buf[_Q3SLX + s] += buf[_Q3WX + i * _NL + s] * q
             buf[_Q3SL2 + s] += (w * q) * q
     for _ in range(5):
+        changed = 0
         for i in range(16):
             for s in range(_NL):
                 v = buf[i * _NL + s]
@@ -979,6 +981,9 @@ def _q3_lanes(buf, scales, Lq):
                 buf[_Q3L + i * _NL + s] = nf if acc else lf
                 buf[_Q3SLX + s] = slx2 if acc else sumlx
                 buf[_Q3SL2 + s] = sl22 if acc else suml2
+                changed += 1 if acc else 0
+        if changed == 0:  # no lane moved: further passes change nothing
+            break
     for i in range(16):
         for s in range(_NL):
             nz = buf[_Q3AM + s] >= _EPS
