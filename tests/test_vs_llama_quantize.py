@@ -22,7 +22,7 @@ from gguf_moe.synth import make_model
 from gguf_moe.validate import read_header
 from oracle import llama_model_quantize
 
-QUANTS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_S", "Q5_K_S", "Q3_K_M", "Q2_K"]
+QUANTS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_K_S", "Q5_K_S", "Q3_K_M", "Q2_K", "Q3_K_S", "Q3_K_L", "Q4_1"]
 
 MODELS = {
     # mergekit's Transformers-5 layout, 4 experts (one repeated), 4 layers so the
@@ -165,6 +165,21 @@ def test_q4_0_with_imatrix_is_byte_identical_to_llama_quantize(tmp_path):
     print(f"\nQ4_0 + imatrix: {counts['tensors']} tensors, {counts['bytes']:,} data bytes identical")
 
 
+def test_q2_k_with_four_query_heads_per_kv_head(tmp_path):
+    """Q2_K's attn_v is Q4_K when n_head / n_head_kv >= 4 (else Q3_K): the direct output and
+    the ``quantize`` command (which reads the heads from the GGUF) both equal llama.cpp."""
+    src = make_model(tmp_path / "gqa4", layout="fused", n_layer=2, n_expert=4, n_head=8, n_kv_head=2, seed=4)
+    out = convert(src, tmp_path / "out", ["BF16", "Q2_K"])
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(out["BF16"], ref, "Q2_K")
+    assert {t.name: t.type_name for t in read_header(ref).tensors}["blk.1.attn_v.weight"] == "Q4_K"
+    requant = tmp_path / "requant.gguf"
+    r = CliRunner().invoke(main, ["quantize", str(out["BF16"]), str(requant), "Q2_K", "-q"])
+    assert r.exit_code == 0, r.output
+    compare(out["Q2_K"], ref)
+    assert sha256(out["Q2_K"]) == sha256(ref) == sha256(requant)
+
+
 def test_mix_covers_the_interesting_rules(pipeline):
     """Guard against a vacuous pass: the files exercise the MoE/fallback rules they are meant to."""
     name, _, _, ref = pipeline
@@ -174,6 +189,8 @@ def test_mix_covers_the_interesting_rules(pipeline):
         assert types["blk.0.ffn_down_exps.weight"] in ("Q5_0", "Q8_0")  # 352 % 256 != 0
         q2 = {t.name: t.type_name for t in read_header(ref["Q2_K"]).tensors}
         assert q2["blk.0.attn_output.weight"] == "Q5_K" and q2["blk.0.ffn_down_exps.weight"] == "Q4_0"  # Q3_K fallback
+        q3l = {t.name: t.type_name for t in read_header(ref["Q3_K_L"]).tensors}
+        assert q3l["blk.0.attn_output.weight"] == "Q3_K" and q3l["blk.0.attn_v.weight"] == "Q8_0"
     else:
         downs = {types[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)}
         assert downs == {"Q4_K", "Q6_K"}
