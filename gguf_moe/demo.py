@@ -15,17 +15,13 @@ DEMO_TYPES = ("Q4_K_M", "Q5_K_M", "Q8_0", "BF16")
 DEMO_MODEL = "tiny-frankenmoe"
 
 
-def _dup_expert_identical(path: Path, n_expert: int) -> bool:
-    """Is the duplicated expert (last = copy of expert 0) stored with identical bytes?"""
-    import gguf
-    import numpy as np
-
-    r = gguf.GGUFReader(path)
-    for t in r.tensors:
-        if t.name.endswith("_exps.weight"):
-            d = np.asarray(t.data).reshape(n_expert, -1)
-            if not np.array_equal(d[0], d[-1]):
-                return False
+def _dup_expert_identical(rep, names: list[str], n_expert: int) -> bool:
+    """Is the duplicated expert (last = copy of expert 0) stored with identical bytes in
+    every expert tensor?  Read from the deep validation's ``identical_experts``."""
+    for name in names:
+        groups = rep.tensors.get(name, {}).get("identical_experts", [])
+        if not any(0 in g and n_expert - 1 in g for g in groups):
+            return False
     return True
 
 
@@ -38,6 +34,7 @@ def run_demo(outdir: str | Path, *, backend: str | None = None, quiet: bool = Fa
     from gguf_moe.convert import convert, output_name, plan_outputs
     from gguf_moe.source import open_model
     from gguf_moe.synth import make_model
+    from gguf_moe.validate import validate_file
 
     err = Console(stderr=True, quiet=quiet)
     out = Path(outdir)
@@ -60,25 +57,18 @@ def run_demo(outdir: str | Path, *, backend: str | None = None, quiet: bool = Fa
         seconds = time.perf_counter() - t0
         n_expert = model.n_expert
 
-    import importlib.util
-
-    have_validate = importlib.util.find_spec("gguf_moe.validate") is not None
     rows = []
     for plan in plans:
-        result = "not run (gguf_moe.validate missing)"
-        ok = True
-        if have_validate:
-            from gguf_moe.validate import validate_file
-
-            err.print(f"validating {plan.path.name} against the source")
-            rep = validate_file(plan.path, deep=True, source=src)
-            ok = rep.ok
-            n_cmp = rep.summary.get("source_tensors_compared", 0)
-            if ok:
-                result = f"ok: {n_cmp} tensors match source" + (f", {len(rep.warnings)} warnings" if rep.warnings else "")
-            else:
-                first = rep.errors[0]
-                result = f"FAILED: {len(rep.errors)} errors; first: {first.tensor or ''} {first.message}".strip()
+        err.print(f"validating {plan.path.name} against the source")
+        rep = validate_file(plan.path, deep=True, source=src)
+        ok = rep.ok
+        n_cmp = rep.summary.get("source_tensors_compared", 0)
+        if ok:
+            result = f"ok: {n_cmp} tensors match source" + (f", {len(rep.warnings)} warnings" if rep.warnings else "")
+        else:
+            first = rep.errors[0]
+            result = f"FAILED: {len(rep.errors)} errors; first: {first.tensor or ''} {first.message}".strip()
+        exps = [t.name for t in plan.tensors if t.name.endswith("_exps.weight")]
         rows.append(
             {
                 "file": str(plan.path),
@@ -87,7 +77,7 @@ def run_demo(outdir: str | Path, *, backend: str | None = None, quiet: bool = Fa
                 "bpw": plan.bits_per_weight,
                 "validation": result,
                 "ok": ok,
-                "dup_identical": _dup_expert_identical(plan.path, n_expert),
+                "dup_identical": _dup_expert_identical(rep, exps, n_expert),
             }
         )
 
