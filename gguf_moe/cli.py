@@ -287,16 +287,8 @@ def demo(outdir, backend, quiet):
         run_demo(outdir, backend=backend, quiet=quiet, progress=prog)
 
 
-def _add_validate_commands() -> None:
-    """``validate`` and ``inspect`` are defined in gguf_moe.validate."""
-    import importlib.util
+# ``validate`` and ``inspect`` are defined in gguf_moe.validate.
+from gguf_moe.validate import inspect_cmd, validate_cmd  # noqa: E402
 
-    if importlib.util.find_spec("gguf_moe.validate") is None:
-        return
-    from gguf_moe.validate import inspect_cmd, validate_cmd
-
-    main.add_command(validate_cmd, "validate")
-    main.add_command(inspect_cmd, "inspect")
-
-
-_add_validate_commands()
+main.add_command(validate_cmd, "validate")
+main.add_command(inspect_cmd, "inspect")
