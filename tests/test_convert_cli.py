@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from gguf_moe.cli import main
 from gguf_moe.source import open_model
 from gguf_moe.synth import make_model
+from test_imatrix import write_legacy_imatrix
 
 TYPES = ("Q4_K_M", "Q8_0", "BF16")
 
@@ -244,19 +245,6 @@ print(base, status("VmHWM"))
     assert peak - base < 40e6, (base, peak, size)
 
 
-def _write_legacy_imatrix(path: Path, entries: dict[str, np.ndarray], ncall: int = 1) -> None:
-    """llama.cpp's legacy imatrix format (common_imatrix_load_legacy): int32 n; per entry
-    int32 len, name, int32 ncall, int32 nval, float32 values."""
-    import struct
-
-    out = [struct.pack("<i", len(entries))]
-    for name, vals in entries.items():
-        b = name.encode()
-        v = np.ascontiguousarray(vals, dtype=np.float32)
-        out += [struct.pack("<i", len(b)), b, struct.pack("<ii", ncall, v.size), v.tobytes()]
-    path.write_bytes(b"".join(out))
-
-
 def test_imatrix_matches_ggml_per_expert(models, converted, tmp_path):
     """With --imatrix every quantized tensor equals ggml_quantize_chunk given llama-quantize's
     quant_weights (the expert's slice for *_exps); quantize from BF16 gives the same file."""
@@ -269,7 +257,7 @@ def test_imatrix_matches_ggml_per_expert(models, converted, tmp_path):
             n_mat = st.shape[0] if len(st.shape) == 3 else 1
             entries[st.name] = rng.gamma(2.0, 1.0, size=n_mat * st.shape[-1]).astype(np.float32)
     imf = tmp_path / "imatrix.dat"
-    _write_legacy_imatrix(imf, entries)
+    write_legacy_imatrix(imf, {name: (vals, 1) for name, vals in entries.items()})
     out = tmp_path / "im.gguf"
     r = run("convert", models["fused"], "-t", "Q4_K_M", "-o", out, "--imatrix", imf, "-q")
     assert r.exit_code == 0, r.output
