@@ -146,6 +146,8 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the file") from e
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-download the file") from e
     except OSError as e:
         raise TokenizerError(f"{path}: cannot be read ({e.strerror})") from e
 

@@ -282,3 +282,10 @@ def test_header_overlapping_tensors(model, tmp_path):
     _rewrite_header(s, edit)
     err = fail(d, tmp_path)
     assert "overlap" in err and a in err and b in err
+
+
+def test_tokenizer_json_not_utf8(model, tmp_path):
+    d = model("fused")
+    (d / "tokenizer.json").write_bytes(b'\xff\xfe{"version": "1.0"}')
+    err = fail(d, tmp_path)
+    assert "tokenizer.json" in err and "UTF-8" in err
