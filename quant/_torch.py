@@ -492,18 +492,23 @@ def _pack_32(db, mb, q, bits, rows):
     return torch.cat(parts, 1).reshape(rows, -1)
 
 
-def _q5_1_ref(k, xr):
+def _q4_1_q5_1_ref(k, xr, bits):
+    """``quantize_row_q4_1_ref`` / ``_q5_1_ref``: block min/max, ``d = (max-min)/nmax``,
+    ``q = (uint8)((x-min)*id + 0.5)``, capped at 15 for Q4_1 (Q5_1 stores it unclamped)."""
+    nmax = float((1 << bits) - 1)
     xb = xr.reshape(-1, 32)
     mn = _first_ext(xb, False, 1)
     mx = _first_ext(xb, True, 1)
-    d = k.div(mx - mn, 31.0)
+    d = k.div(mx - mn, nmax)
     idn = torch.where(d != 0, k.div(1.0, d), 0.0)
-    v = (xb - mn[:, None]) * idn[:, None] + 0.5  # in [0.5, 31.5] unless id or max-min is inf
+    v = (xb - mn[:, None]) * idn[:, None] + 0.5  # in [0.5, nmax + 0.5] unless id or max-min is inf
     q = torch.floor(v)  # (uint8_t)v, v >= 0
+    if bits == 4:
+        q = q.clamp_(max=15.0)
     q = _zero_bad_blocks(q, torch.isinf(idn) | torch.isinf(mx - mn))
     db, _ = _fp16_bytes(d)
     mb, _ = _fp16_bytes(mn)
-    return _pack_32(db, mb, q.to(_I32), 5, xr.shape[0])
+    return _pack_32(db, mb, q.to(_I32), bits, xr.shape[0])
 
 
 def _q4_0_q5_0_impl(k, xr, qw, bits):
@@ -609,20 +614,6 @@ def _q6_k(k, xr, qw):
     )
     out.mul_((~zero).to(torch.uint8)[:, None])  # all-zero super-blocks: 210 zero bytes
     return out.reshape(rows, -1)
-
-
-def _q4_1_ref(k, xr):
-    xb = xr.reshape(-1, 32)
-    mn = _first_ext(xb, False, 1)
-    mx = _first_ext(xb, True, 1)
-    d = k.div(mx - mn, 15.0)
-    idn = torch.where(d != 0, k.div(1.0, d), 0.0)
-    v = (xb - mn[:, None]) * idn[:, None] + 0.5  # in [0.5, 15.5] unless id or max-min is inf
-    q = torch.floor(v).clamp_(max=15.0)  # MIN(15, (int8_t)v), v >= 0
-    q = _zero_bad_blocks(q, torch.isinf(idn) | torch.isinf(mx - mn))
-    db, _ = _fp16_bytes(d)
-    mb, _ = _fp16_bytes(mn)
-    return _pack_32(db, mb, q.to(_I32), 4, xr.shape[0])
 
 
 def _q4_1_q5_1_impl(k, xr, qw, bits):
@@ -737,11 +728,11 @@ _KERNELS = {
     "Q8_0": (32, 34, lambda k, x, qw: _q8_0(k, x, qw)),
     "Q4_0": (32, 18, lambda k, x, qw: _q4_0_q5_0_ref(k, x, 4) if qw is None else _q4_0_q5_0_impl(k, x, qw, 4)),
     "Q5_0": (32, 22, lambda k, x, qw: _q4_0_q5_0_ref(k, x, 5) if qw is None else _q4_0_q5_0_impl(k, x, qw, 5)),
-    "Q5_1": (32, 24, lambda k, x, qw: _q5_1_ref(k, x) if qw is None else _q4_1_q5_1_impl(k, x, qw, 5)),
+    "Q5_1": (32, 24, lambda k, x, qw: _q4_1_q5_1_ref(k, x, 5) if qw is None else _q4_1_q5_1_impl(k, x, qw, 5)),
     "Q4_K": (256, 144, lambda k, x, qw: _qk_45(k, x, qw, 15)),
     "Q5_K": (256, 176, lambda k, x, qw: _qk_45(k, x, qw, 31)),
     "Q6_K": (256, 210, lambda k, x, qw: _q6_k(k, x, qw)),
-    "Q4_1": (32, 20, lambda k, x, qw: _q4_1_ref(k, x) if qw is None else _q4_1_q5_1_impl(k, x, qw, 4)),
+    "Q4_1": (32, 20, lambda k, x, qw: _q4_1_q5_1_ref(k, x, 4) if qw is None else _q4_1_q5_1_impl(k, x, qw, 4)),
     "Q2_K": (256, 84, lambda k, x, qw: _q2_k(k, x, qw)),
     "Q3_K": (256, 110, lambda k, x, qw: _q3_k(k, x, qw)),
 }
