@@ -19,7 +19,6 @@ that run.  Times are the best of ``--repeat`` runs (wall clock).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import time
@@ -37,23 +36,13 @@ ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5
 
 
 def load_ggml():
-    """``ggml_quantize_chunk`` from llama-cpp-python's libggml, as ctypes function."""
+    """``ggml_quantize_chunk`` from llama-cpp-python's libggml (the tests' oracle), via ctypes."""
+    sys.path.insert(0, str(ROOT / "tests"))
     try:
-        from llama_cpp._ggml import libggml
+        from oracle import ggml_quantize_chunk
     except ImportError as e:
         sys.exit(f"bench_quant: llama-cpp-python is needed for the llama.cpp side ({e}); run scripts/setup.sh --dev")
-    f = libggml.ggml_quantize_chunk
-    f.restype = ctypes.c_size_t
-    f.argtypes = [
-        ctypes.c_int,  # enum ggml_type
-        ctypes.c_void_p,  # const float * src
-        ctypes.c_void_p,  # void * dst
-        ctypes.c_int64,  # start (element offset of the first row)
-        ctypes.c_int64,  # nrows
-        ctypes.c_int64,  # n_per_row
-        ctypes.c_void_p,  # const float * imatrix
-    ]
-    return f
+    return ggml_quantize_chunk
 
 
 def ggml_chunked(f, qtype: str, x: np.ndarray, qw: np.ndarray | None, pool: ThreadPoolExecutor | None, nthreads: int):

@@ -12,9 +12,11 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from llama_cpp._ggml import libggml
 
-_f = libggml.ggml_quantize_chunk
-_f.restype = ctypes.c_size_t
-_f.argtypes = [
+#: ``size_t ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)`` (ctypes
+#: releases the GIL around it, so callers can run it on several threads).
+ggml_quantize_chunk = libggml.ggml_quantize_chunk
+ggml_quantize_chunk.restype = ctypes.c_size_t
+ggml_quantize_chunk.argtypes = [
     ctypes.c_int,  # enum ggml_type
     ctypes.c_void_p,  # const float * src
     ctypes.c_void_p,  # void * dst
@@ -36,7 +38,7 @@ def ggml_quantize(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) 
     qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     if qw is not None:
         assert qw.shape == (n,)
-    size = _f(int(t), x.ctypes.data, out.ctypes.data, 0, nrows, n, None if qw is None else qw.ctypes.data)
+    size = ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, nrows, n, None if qw is None else qw.ctypes.data)
     assert size == out.nbytes, (size, out.nbytes)
     return out
 
