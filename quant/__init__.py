@@ -53,12 +53,15 @@ class QType:
     block_size: int
     type_size: int
     uses_imatrix: bool
+    #: ggml refuses to quantize this type without importance weights
+    #: (``ggml_quantize_requires_imatrix``).
+    requires_imatrix: bool = False
 
 
-def _qt(name: str, uses_imatrix: bool) -> QType:
+def _qt(name: str, uses_imatrix: bool, requires_imatrix: bool = False) -> QType:
     t = GGMLQuantizationType[name]
     bs, ts = GGML_QUANT_SIZES[t]
-    return QType(name, t, bs, ts, uses_imatrix)
+    return QType(name, t, bs, ts, uses_imatrix, requires_imatrix)
 
 
 #: Types this package writes.  Float types are plain conversions.
@@ -236,6 +239,8 @@ def quantize(x, qtype, *, imatrix=None, backend: str | None = None, threads: int
         return _float_convert(x, q.name)
     _check_finite(x)
 
+    if q.requires_imatrix and imatrix is None:
+        raise QuantError(f"{q.name} needs an importance matrix (imatrix=...); ggml refuses to quantize it without one")
     qw = None
     if imatrix is not None and q.uses_imatrix:
         qw = np.ascontiguousarray(imatrix, dtype=np.float32)
