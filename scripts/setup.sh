@@ -3,7 +3,10 @@
 #   scripts/setup.sh        runtime only (convert / quantize / validate / demo)
 #   scripts/setup.sh --dev  plus the test oracle: llama-cpp-python 0.3.36 built from its
 #                           sdist (pip caches the wheel), CPU torch, transformers, pytest,
-#                           and llama.cpp's own convert_hf_to_gguf.py unpacked from the sdist.
+#                           llama.cpp's own convert_hf_to_gguf.py unpacked from the sdist, and
+#                           llama.cpp's tools (llama-gguf-split, llama-imatrix, llama-perplexity,
+#                           llama-quantize) built from it by scripts/llama_tools.sh into
+#                           ~/.cache/gguf-moe/ (first build ~10 min, shared by every clone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -12,11 +15,15 @@ VENV=$ROOT/.venv
 DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 
-stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
+stamp_of() { cat pyproject.toml scripts/setup.sh scripts/llama_tools.sh | sha256sum | cut -c1-16; }
 HASH=$(stamp_of)
 STAMP="$VENV/.setup-$HASH-$DEV"
 # A dev set-up includes the runtime one.
-if [ -f "$STAMP" ] || [ -f "$VENV/.setup-$HASH-1" ]; then exit 0; fi
+if [ -f "$STAMP" ] || [ -f "$VENV/.setup-$HASH-1" ]; then
+    # the tools live outside the venv: make sure they are still there (nothing to do when built)
+    if [ "$DEV" = 1 ]; then exec scripts/llama_tools.sh; fi
+    exit 0
+fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
@@ -39,6 +46,7 @@ if [ "$DEV" = 1 ]; then
             llama_cpp_python-0.3.36/vendor/llama.cpp/conversion \
             llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
     fi
+    scripts/llama_tools.sh
 else
     "${PIP[@]}" -e .
 fi
