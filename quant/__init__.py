@@ -81,6 +81,8 @@ QTYPES: dict[str, QType] = {
         _qt("Q4_K", True),
         _qt("Q5_K", True),
         _qt("Q6_K", True),
+        _qt("IQ3_XXS", True),
+        _qt("IQ3_S", True),
     )
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")

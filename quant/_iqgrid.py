@@ -24,6 +24,10 @@ points), ``"IQ2_XS"`` (512), ``"IQ2_S"`` (1024), ``"IQ1_S"`` / ``"IQ1_M"`` (2048
   equal distances never depend on the sort algorithm.  Lists are laid out in increasing
   ``u``, as ggml's serial prefix sum places them.
 
+``iq3_tables(name)`` -> ``Iq3Tables(grid, kmap, neighbours)`` for ``"IQ3_XXS"`` (256
+points, nwant 2) and ``"IQ3_S"`` (512, nwant 3): the same encoding with four 3-bit fields
+(``iq3xs_init_impl``): ``grid`` ``int8 [G, 4]`` in 1, 3, ..., 15, ``kmap`` ``int32 [4096]``.
+
 All arrays are C-contiguous and read-only, usable as numba arguments.  They are built on
 first use (about half a second per 256 grid points here) and kept for the process.
 """
@@ -36,7 +40,16 @@ from typing import NamedTuple
 import numpy as np
 from gguf import quants as _gq
 
-__all__ = ["Iq2Tables", "iq2_tables", "IQ2_KMAP_SIZE", "IQ2_NAMES"]
+__all__ = [
+    "Iq2Tables",
+    "iq2_tables",
+    "IQ2_KMAP_SIZE",
+    "IQ2_NAMES",
+    "Iq3Tables",
+    "iq3_tables",
+    "IQ3_KMAP_SIZE",
+    "IQ3_NAMES",
+]
 
 #: ggml's ``kmap_size``: enough for every u whose fields are at most 2 (max 0xAAAA).
 IQ2_KMAP_SIZE = 43692
@@ -120,6 +133,85 @@ def iq2_tables(name: str) -> Iq2Tables:
     kmap[off] = -(starts + 1)
 
     out = Iq2Tables(
+        np.ascontiguousarray(grid, dtype=np.int8),
+        np.ascontiguousarray(kmap, dtype=np.int32),
+        neighbours,
+    )
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+# --------------------------------------------------------------------------- iq3xs_init_impl
+
+#: ggml's ``kmap_size`` for the 3-bit lattices: four 3-bit fields.
+IQ3_KMAP_SIZE = 4096
+
+#: name -> (gguf class holding the grid, nwant)
+_IQ3_SOURCES = {
+    "IQ3_XXS": (_gq.IQ3_XXS, 2),  # grid_size 256
+    "IQ3_S": (_gq.IQ3_S, 3),  # grid_size 512
+}
+IQ3_NAMES = tuple(_IQ3_SOURCES)
+
+
+class Iq3Tables(NamedTuple):
+    grid: np.ndarray  # int8 [G, 4], values 2*l+1
+    kmap: np.ndarray  # int32 [IQ3_KMAP_SIZE]
+    neighbours: np.ndarray  # uint16, (n, idx_1..idx_n) lists
+
+
+@functools.cache
+def iq3_tables(name: str) -> Iq3Tables:
+    """``(grid, kmap, neighbours)`` of ggml's ``iq3xs_init_impl`` for ``"IQ3_XXS"`` / ``"IQ3_S"``.
+
+    Same encoding as ``iq2_tables`` with four 3-bit fields per point: ``grid`` is ``int8
+    [G, 4]`` with coordinates ``2*l + 1`` (1, 3, ..., 15), ``kmap`` is indexed by
+    ``u = sum(l[k] << 3*k)`` (every u below 4096), neighbour lists hold the grid points at
+    the ``nwant`` smallest distinct squared distances (2 for IQ3_XXS, 3 for IQ3_S), ordered
+    by (distance, grid index).  gguf publishes the grids as dequantization values
+    (``grid_map``: 4, 12, ..., 62 for IQ3_XXS, 1, 3, ..., 15 for IQ3_S); the field ``l`` of
+    a value is its position in ``grid_map``.
+    """
+    try:
+        cls, nwant = _IQ3_SOURCES[name]
+    except KeyError:
+        raise ValueError(f"no iq3 grid tables for {name!r}; known: {', '.join(IQ3_NAMES)}") from None
+    cls.init_grid()
+    values = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
+    levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), values)
+    if not np.array_equal(np.asarray(cls.grid_map, dtype=np.float32)[levels], values):
+        raise AssertionError(f"{cls.__name__}: grid values outside grid_map")
+    levels = levels.astype(np.int64)  # [G, 4] in 0..7
+    grid = 2 * levels + 1
+    gsize = grid.shape[0]
+    shifts = 3 * np.arange(4)
+    packed = (levels << shifts).sum(axis=1)
+
+    kmap = np.full(IQ3_KMAP_SIZE, -1, dtype=np.int64)
+    kmap[packed] = np.arange(gsize)
+
+    off = np.flatnonzero(kmap < 0)  # points off the grid, increasing u
+    pos = 2 * ((off[:, None] >> shifts) & 7) + 1  # [M, 4]
+    d2 = ((pos[:, None, :] - grid[None, :, :]) ** 2).sum(axis=2)  # [M, G], exact integers
+    thr = d2.min(axis=1)
+    big = np.iinfo(np.int64).max
+    for _ in range(nwant - 1):  # the nwant smallest distinct distances of each row
+        nxt = np.where(d2 > thr[:, None], d2, big).min(axis=1)
+        thr = np.where(nxt == big, thr, nxt)
+    rows, cols = np.nonzero(d2 <= thr[:, None])
+    order = np.lexsort((cols, d2[rows, cols], rows))  # by row, then distance, then index
+    rows, cols = rows[order], cols[order]
+    counts = np.bincount(rows, minlength=off.size)
+
+    starts = np.concatenate(([0], np.cumsum(counts + 1)[:-1]))
+    neighbours = np.empty(int((counts + 1).sum()), dtype=np.uint16)
+    neighbours[starts] = counts
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
+    neighbours[starts[rows] + 1 + rank] = cols
+    kmap[off] = -(starts + 1)
+
+    out = Iq3Tables(
         np.ascontiguousarray(grid, dtype=np.int8),
         np.ascontiguousarray(kmap, dtype=np.int32),
         neighbours,

@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ._numpy_iq3 import quantize_iq3_s, quantize_iq3_xxs
+
 F32 = np.float32
 _I32_MIN = np.int32(-(2**31))
 
@@ -792,6 +794,8 @@ _KERNELS = {
     "Q6_K": (QK_K, 210, _q6_k),
     "Q2_K": (QK_K, 84, _q2_k),
     "Q3_K": (QK_K, 110, _q3_k),
+    "IQ3_XXS": (QK_K, 98, quantize_iq3_xxs),
+    "IQ3_S": (QK_K, 110, quantize_iq3_s),
 }
 
 NAMES = tuple(_KERNELS)
