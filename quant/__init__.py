@@ -83,6 +83,9 @@ QTYPES: dict[str, QType] = {
         _qt("Q6_K", True),
         _qt("IQ3_XXS", True),
         _qt("IQ3_S", True),
+        _qt("IQ2_XXS", True, requires_imatrix=True),
+        _qt("IQ2_XS", True, requires_imatrix=True),
+        _qt("IQ2_S", True),
     )
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")

@@ -798,6 +798,10 @@ _KERNELS = {
     "IQ3_S": (QK_K, 110, quantize_iq3_s),
 }
 
+from quant import _numpy_iq2  # noqa: E402  (IQ2_XXS, IQ2_XS, IQ2_S)
+
+_KERNELS.update(_numpy_iq2.KERNELS)
+
 NAMES = tuple(_KERNELS)
 
 
