@@ -1387,6 +1387,8 @@ _SPECS = {
     "Q4_K": (QK_K, 144),
     "Q5_K": (QK_K, 176),
     "Q6_K": (QK_K, 210),
+    "IQ3_XXS": (QK_K, 98),
+    "IQ3_S": (QK_K, 110),
 }
 NAMES = tuple(_SPECS)
 
@@ -1418,6 +1420,10 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
         _kq3(x, n, qw, use_qw, out)
     elif name == "Q8_0":
         _kq8_0(x, out)
+    elif name == "IQ3_XXS" or name == "IQ3_S":
+        from ._numba_iq3 import quantize as _iq3
+
+        _iq3(name, x, n, qw, use_qw, out)
     elif not use_qw:
         if name == "Q5_1" or name == "Q4_1":
             _ref_q41_q51(x, name == "Q5_1", out)

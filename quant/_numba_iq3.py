@@ -1,0 +1,335 @@
+"""numba kernels for IQ3_XXS and IQ3_S, byte-identical to ggml's quantizers.
+
+Same algorithm as the numpy reference (``quant._numpy_iq3``, which describes the formats
+and the search): ``quantize_row_iq3_xxs_impl`` / ``quantize_row_iq3_s_impl`` with
+``iq3_find_best_neighbour``, tables from ``quant._iqgrid.iq3_tables``.
+
+Layout follows ``quant._numba``: a tile of ``NL`` sub-blocks (32 values each, ``NL / 8``
+super-blocks) is transposed into flat float32 buffers, value i of lane s at ``i*NL + s``,
+so the elementwise steps of every scale candidate (levels, grid codes, the two sums) are
+loops over lanes that LLVM vectorizes; each lane does exactly the float32 operations of its
+C sub-block in C order.  The neighbour search for codes off the grid is a scalar loop over
+the lanes that need it.  ``nearest_int`` is the bit trick everywhere (IQ3_S quantizes
+sub-blocks of subnormal values, where ``id`` overflows to inf).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit
+
+from ._iqgrid import iq3_tables
+from ._numba import _JIT, _f16, _nint, _put16
+
+F32 = np.float32
+QK_K = 256
+NL = 64  # lanes (sub-blocks) per tile; a multiple of 8
+
+_Z = F32(0.0)
+_ONE = F32(1.0)
+_HALF = F32(0.5)
+_FLT_MAX = F32(3.4028234663852886e38)
+_EPS_XXS = F32(1e-8)  # GROUP_MAX_EPS_IQ3_XXS
+
+
+@functools.cache
+def tables(name: str):
+    """``(grid values float32 [G*4], levels int32 [G*4], kmap int32, neighbours int32)``."""
+    t = iq3_tables(name)
+    g = t.grid.astype(np.int32).reshape(-1)
+    return (
+        np.ascontiguousarray(g.astype(F32)),
+        np.ascontiguousarray((g - 1) // 2),
+        np.ascontiguousarray(t.kmap, dtype=np.int32),
+        np.ascontiguousarray(t.neighbours, dtype=np.int32),
+    )
+
+
+@njit(inline="always", **_JIT)
+def _neighbour(nbr, start, gridf, xval, waux, o, scale):
+    """``iq3_find_best_neighbour``: list at ``nbr[start]``, group values ``xval[o + i*NL]``."""
+    cnt = nbr[start]
+    x0 = xval[o]
+    x1 = xval[o + NL]
+    x2 = xval[o + 2 * NL]
+    x3 = xval[o + 3 * NL]
+    w0 = waux[o]
+    w1 = waux[o + NL]
+    w2 = waux[o + 2 * NL]
+    w3 = waux[o + 3 * NL]
+    best = _FLT_MAX
+    gi = nbr[start + 1]  # C asserts a hit; only all-NaN/huge distances reach the fallback
+    for j in range(1, cnt + 1):
+        g = nbr[start + j]
+        p = 4 * g
+        diff = scale * gridf[p] - x0
+        d2 = (w0 * diff) * diff
+        diff = scale * gridf[p + 1] - x1
+        d2 += (w1 * diff) * diff
+        diff = scale * gridf[p + 2] - x2
+        d2 += (w2 * diff) * diff
+        diff = scale * gridf[p + 3] - x3
+        d2 += (w3 * diff) * diff
+        if d2 < best:
+            best = d2
+            gi = g
+    return gi
+
+
+@njit(**_JIT)
+def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
+    """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256)."""
+    nsb = x.size // QK_K
+    SB = NL // 8
+    ts = 98 if xxs else 110
+    nlo = -15 if xxs else -9
+    xc = np.empty(32 * NL, F32)
+    xval = np.empty(32 * NL, F32)
+    w = np.empty(32 * NL, F32)
+    wx = np.empty(32 * NL, F32)
+    waux = np.empty(32 * NL, F32)
+    L = np.zeros(32 * NL, np.int32)
+    La = np.zeros(32 * NL, np.int32)
+    gidx = np.zeros(8 * NL, np.int32)
+    on = np.zeros(8 * NL, np.bool_)
+    on_aux = np.zeros(8 * NL, np.bool_)
+    signs = np.zeros(4 * NL, np.int32)
+    mx = np.empty(NL, F32)
+    idl = np.empty(NL, F32)
+    tsc = np.empty(NL, F32)
+    scale = np.empty(NL, F32)
+    best = np.empty(NL, F32)
+    sqx = np.empty(NL, F32)
+    sq2 = np.empty(NL, F32)
+    live = np.zeros(NL, np.bool_)
+    sig = np.empty(SB, F32)
+    lsc = np.empty(8, np.int64)
+    for t0 in range(0, nsb, SB):
+        nb = min(SB, nsb - t0)
+        nv = nb * 8
+        base = t0 * QK_K
+        for s in range(NL):
+            if s < nv:
+                o = base + s * 32
+                for i in range(32):
+                    xc[i * NL + s] = x[o + i]
+            else:
+                for i in range(32):
+                    xc[i * NL + s] = _Z
+        # weights
+        if use_qw:
+            for b in range(SB):
+                sig[b] = _Z
+            for b in range(nb):
+                acc = _Z
+                for e in range(QK_K):
+                    v = x[base + b * QK_K + e]
+                    acc += v * v
+                sig[b] = (F32(2.0) * acc) / F32(256.0)
+            for s in range(NL):
+                col = ((t0 * 8 + s) * 32) % n
+                sg = sig[s // 8]
+                for i in range(32):
+                    v = xc[i * NL + s]
+                    w[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v)
+        else:
+            for i in range(32 * NL):
+                v = xc[i]
+                w[i] = v * v
+        for i in range(32 * NL):
+            waux[i] = np.sqrt(w[i])
+        # signs and magnitudes
+        for i in range(32 * NL):
+            v = xc[i]
+            xval[i] = v if v >= _Z else -v
+        for k in range(4):
+            for s in range(NL):
+                sb = 0
+                for i in range(8):
+                    if not (xc[(8 * k + i) * NL + s] >= _Z):
+                        sb |= 1 << i
+                if xxs:
+                    nflip = 0
+                    for i in range(8):
+                        nflip += (sb >> i) & 1
+                    if nflip & 1:
+                        p = 8 * k * NL + s
+                        vmin = (w[p] * xc[p]) * xc[p]
+                        imin = 0
+                        for i in range(1, 8):
+                            p = (8 * k + i) * NL + s
+                            a = (w[p] * xc[p]) * xc[p]
+                            if a < vmin:
+                                vmin = a
+                                imin = i
+                        p = (8 * k + imin) * NL + s
+                        xval[p] = -xval[p]
+                        sb ^= 1 << imin
+                    sb &= 127
+                signs[k * NL + s] = sb
+        for s in range(NL):
+            m = xval[s]
+            for i in range(1, 32):
+                v = xval[i * NL + s]
+                m = m if m > v else v
+            if xxs:
+                live[s] = not (m < _EPS_XXS)
+            else:
+                live[s] = m != _Z
+            mx[s] = m if live[s] else _ONE
+            scale[s] = mx[s] / F32(15.0)
+            best[s] = _Z
+        for i in range(32 * NL):
+            wx[i] = w[i] * xval[i]
+            L[i] = 0
+        for i in range(8 * NL):
+            on[i] = xxs
+        # scale search
+        for step in range(nlo, -nlo + 1):
+            for s in range(NL):
+                idv = (F32(15.0) + F32(step) * F32(0.2)) / mx[s]
+                idl[s] = idv
+                tsc[s] = _ONE / idv
+            for i in range(32):
+                for s in range(NL):
+                    l = _nint(_HALF * (idl[s] * xval[i * NL + s] - _ONE))
+                    La[i * NL + s] = max(0, min(7, l))
+            for k in range(8):
+                for s in range(NL):
+                    p = 4 * k * NL + s
+                    u = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
+                    gidx[k * NL + s] = kmap[u]
+            for k in range(8):
+                for s in range(NL):
+                    g = gidx[k * NL + s]
+                    on_aux[k * NL + s] = g >= 0
+                    if g < 0 and live[s]:
+                        o = 4 * k * NL + s
+                        g = _neighbour(nbr, -g - 1, gridf, xval, waux, o, tsc[s])
+                        for i in range(4):
+                            La[o + i * NL] = glev[4 * g + i]
+            for s in range(NL):
+                sqx[s] = _Z
+                sq2[s] = _Z
+            for i in range(32):
+                for s in range(NL):
+                    q = F32(2 * La[i * NL + s] + 1)
+                    sqx[s] += wx[i * NL + s] * q
+                    sq2[s] += (w[i * NL + s] * q) * q
+            for s in range(NL):
+                upd = sq2[s] > _Z and sqx[s] * sqx[s] > best[s] * sq2[s]
+                if upd:
+                    sc = sqx[s] / sq2[s]
+                    scale[s] = sc
+                    best[s] = sc * sqx[s]
+                    for i in range(32):
+                        L[i * NL + s] = La[i * NL + s]
+                    for k in range(8):
+                        on[k * NL + s] = on_aux[k * NL + s]
+        # requantize groups off the grid (IQ3_S: all groups) with the final scale
+        for s in range(NL):
+            if not live[s]:
+                continue
+            off = False
+            for k in range(8):
+                if not on[k * NL + s]:
+                    off = True
+            if not (off and scale[s] > _Z):
+                continue
+            idv = _ONE / scale[s]
+            for k in range(8):
+                if xxs and on[k * NL + s]:
+                    continue
+                o = 4 * k * NL + s
+                u = 0
+                for i in range(4):
+                    l = _nint(_HALF * (idv * xval[o + i * NL] - _ONE))
+                    u |= max(0, min(7, l)) << (3 * i)
+                g = kmap[u]
+                if g < 0:
+                    g = _neighbour(nbr, -g - 1, gridf, xval, waux, o, scale[s])
+                for i in range(4):
+                    L[o + i * NL] = glev[4 * g + i]
+            a = _Z
+            b = _Z
+            for i in range(32):
+                q = F32(2 * L[i * NL + s] + 1)
+                a += wx[i * NL + s] * q
+                b += (w[i * NL + s] * q) * q
+            if b > _Z:
+                scale[s] = a / b
+        # final grid indices, sign flip for a negative scale
+        for s in range(NL):
+            if not live[s]:
+                scale[s] = _Z
+                continue
+            if scale[s] < _Z:
+                scale[s] = -scale[s]
+                for k in range(4):
+                    signs[k * NL + s] = (~signs[k * NL + s]) & (127 if xxs else 255)
+            for k in range(8):
+                o = 4 * k * NL + s
+                u = L[o] | (L[o + NL] << 3) | (L[o + 2 * NL] << 6) | (L[o + 3 * NL] << 9)
+                gidx[k * NL + s] = kmap[u]  # on the grid by construction
+        # pack
+        for b in range(nb):
+            o = (t0 + b) * ts
+            s0 = b * 8
+            max_scale = _Z
+            for j in range(8):
+                sc = scale[s0 + j]
+                max_scale = max_scale if max_scale > sc else sc
+            for j in range(ts):
+                out[o + j] = 0
+            if xxs and max_scale == _Z:
+                continue
+            if max_scale != _Z:
+                d = max_scale / F32(31.0)
+                _put16(out, o, _f16(d * (F32(1.0125) if xxs else F32(1.033))))
+                idv = _ONE / d
+                for j in range(8):
+                    l = _nint(_HALF * (idv * scale[s0 + j] - _ONE))
+                    lsc[j] = max(0, min(15, l))
+            else:
+                for j in range(8):
+                    lsc[j] = 0
+            if xxs:
+                for j in range(8):
+                    s = s0 + j
+                    if not live[s]:
+                        continue
+                    for k in range(8):
+                        out[o + 2 + 8 * j + k] = gidx[k * NL + s] & 255
+                for j in range(8):
+                    s = s0 + j
+                    v = lsc[j] << 28
+                    if live[s]:
+                        v |= signs[s] | (signs[NL + s] << 7) | (signs[2 * NL + s] << 14) | (signs[3 * NL + s] << 21)
+                    p = o + 66 + 4 * j
+                    for e in range(4):
+                        out[p + e] = (v >> (8 * e)) & 255
+            else:
+                slot = 0  # ggml's qs/signs pointers skip all-zero sub-blocks
+                for j in range(8):
+                    s = s0 + j
+                    if not live[s]:
+                        continue
+                    h = 0
+                    for k in range(8):
+                        g = gidx[k * NL + s]
+                        out[o + 2 + 8 * slot + k] = g & 255
+                        h |= ((g >> 8) & 1) << k
+                    out[o + 66 + j] = h
+                    for k in range(4):
+                        out[o + 74 + 4 * slot + k] = signs[k * NL + s]
+                    slot += 1
+                for j in range(4):
+                    out[o + 106 + j] = lsc[2 * j] | (lsc[2 * j + 1] << 4)
+
+
+def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
+    """Hook for ``quant._numba._run``: IQ3_XXS / IQ3_S of the flat rows ``x`` into ``out``."""
+    gridf, glev, kmap, nbr = tables(name)
+    _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", gridf, glev, kmap, nbr, out)
