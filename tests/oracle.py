@@ -57,6 +57,26 @@ LLAMA_CPP_REF = Path(__file__).resolve().parents[1] / ".cache" / "llama.cpp"
 CONVERTER = LLAMA_CPP_REF / "convert_hf_to_gguf.py"
 
 
+#: llama.cpp's command-line tools (llama-gguf-split, llama-imatrix, llama-perplexity,
+#: llama-quantize), built from the same sdist by ``scripts/setup.sh --dev``
+#: (scripts/llama_tools.sh); ``GGUF_MOE_LLAMA_BIN`` names another folder holding them.
+LLAMA_BIN = Path(os.environ.get("GGUF_MOE_LLAMA_BIN") or Path(__file__).resolve().parents[1] / ".cache" / "llama-bin")
+
+
+def llama_tool(name: str) -> Path:
+    """Path of llama.cpp's ``name`` tool (e.g. ``"llama-gguf-split"``)."""
+    path = LLAMA_BIN / name
+    assert path.is_file() and os.access(path, os.X_OK), f"{path} missing: run scripts/setup.sh --dev"
+    return path
+
+
+def run_llama_tool(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool; asserts it succeeds and returns the completed process."""
+    r = subprocess.run([str(llama_tool(name)), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{name} {' '.join(map(str, args))} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
 def run_hf_converter(src: Path, out: Path, outtype: str = "bf16", *, pre_tokenizer: str | None = None) -> None:
     """Run ``convert_hf_to_gguf.py SRC --outtype OUTTYPE --outfile OUT`` with its own gguf-py.
 
