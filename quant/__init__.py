@@ -86,6 +86,9 @@ QTYPES: dict[str, QType] = {
         _qt("IQ2_XXS", True, requires_imatrix=True),
         _qt("IQ2_XS", True, requires_imatrix=True),
         _qt("IQ2_S", True),
+        _qt("IQ4_NL", True),
+        _qt("IQ4_XS", True),
+        _qt("MXFP4", False),  # ggml ignores the imatrix for MXFP4
     )
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")

@@ -1389,6 +1389,9 @@ _SPECS = {
     "Q6_K": (QK_K, 210),
     "IQ3_XXS": (QK_K, 98),
     "IQ3_S": (QK_K, 110),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (QK_K, 136),
+    "MXFP4": (32, 17),
 }
 NAMES = tuple(_SPECS)
 
@@ -1424,6 +1427,10 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
         from ._numba_iq3 import quantize as _iq3
 
         _iq3(name, x, n, qw, use_qw, out)
+    elif name == "IQ4_NL" or name == "IQ4_XS" or name == "MXFP4":
+        from ._numba_iq4 import run as _iq4
+
+        _iq4(name, x, n, qw, use_qw, out)
     elif not use_qw:
         if name == "Q5_1" or name == "Q4_1":
             _ref_q41_q51(x, name == "Q5_1", out)

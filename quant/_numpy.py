@@ -802,6 +802,10 @@ from quant import _numpy_iq2  # noqa: E402  (IQ2_XXS, IQ2_XS, IQ2_S)
 
 _KERNELS.update(_numpy_iq2.KERNELS)
 
+from quant import _numpy_iq4  # noqa: E402  (IQ4_NL, IQ4_XS, MXFP4)
+
+_KERNELS.update(_numpy_iq4.KERNELS)
+
 NAMES = tuple(_KERNELS)
 
 
