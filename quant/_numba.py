@@ -1387,6 +1387,9 @@ _SPECS = {
     "Q4_K": (QK_K, 144),
     "Q5_K": (QK_K, 176),
     "Q6_K": (QK_K, 210),
+    "IQ2_XXS": (QK_K, 66),
+    "IQ2_XS": (QK_K, 74),
+    "IQ2_S": (QK_K, 82),
     "IQ3_XXS": (QK_K, 98),
     "IQ3_S": (QK_K, 110),
     "IQ4_NL": (32, 18),
@@ -1423,6 +1426,10 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
         _kq3(x, n, qw, use_qw, out)
     elif name == "Q8_0":
         _kq8_0(x, out)
+    elif name == "IQ2_XXS" or name == "IQ2_XS" or name == "IQ2_S":
+        from ._numba_iq2 import quantize as _iq2
+
+        _iq2(name, x, n, qw, use_qw, out)
     elif name == "IQ3_XXS" or name == "IQ3_S":
         from ._numba_iq3 import quantize as _iq3
 
