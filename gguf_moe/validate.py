@@ -111,6 +111,8 @@ class TensorInfo:
     type_id: int
     offset: int  # relative to the data section
     offset_pos: int = -1  # where the offset field is in the file
+    #: the header of the file holding the data (a split set's shard); None: the file read
+    src: Any = field(default=None, repr=False, compare=False)
 
     @property
     def qtype(self) -> T | None:
@@ -712,16 +714,24 @@ _F16_SCALES: dict[T, tuple[int, ...]] = {
 
 
 class _Data:
-    """Memory-mapped tensor data, read in row chunks."""
+    """Memory-mapped tensor data, read in row chunks (from each tensor's own shard when
+    the header is a split set's combined view)."""
 
     def __init__(self, h: GGUFHeader):
         self.h = h
-        self.mm = np.memmap(h.path, dtype=np.uint8, mode="r") if h.file_size else None
+        self._mms: dict[Path, np.memmap] = {}
+
+    def _mm(self, h: GGUFHeader) -> np.memmap:
+        mm = self._mms.get(h.path)
+        if mm is None:
+            mm = self._mms[h.path] = np.memmap(h.path, dtype=np.uint8, mode="r")
+        return mm
 
     def rows(self, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
+        h = t.src if t.src is not None else self.h
         rb = t.row_bytes
-        start = self.h.data_offset + t.offset + r0 * rb
-        return self.mm[start : start + (r1 - r0) * rb].reshape(r1 - r0, rb)
+        start = h.data_offset + t.offset + r0 * rb
+        return self._mm(h)[start : start + (r1 - r0) * rb].reshape(r1 - r0, rb)
 
     def chunks(self, t: TensorInfo, max_bytes: int = CHUNK_BYTES):
         rb = max(1, t.row_bytes)
@@ -731,9 +741,7 @@ class _Data:
             yield r0, self.rows(t, r0, r1)
 
     def close(self):
-        if self.mm is not None:
-            del self.mm
-            self.mm = None
+        self._mms.clear()
 
 
 def _nonfinite(t: TensorInfo, raw: np.ndarray) -> tuple[int, int | None]:
@@ -1013,7 +1021,16 @@ def _compare_one(data: _Data, t: TensorInfo, st) -> dict:
 
 def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[str, str], None] | None = None) -> Report:
     """Check one GGUF file; never raises for problems in the file (they become findings)."""
+    from gguf_moe.split import shard_paths_of
+
     path = Path(path)
+    shards = shard_paths_of(path)
+    if shards and path.name != shards[0].name:  # a set is checked from its first shard
+        path = shards[0]
+        if not path.is_file():
+            rep = Report(str(path))
+            rep.add("error", "split", f"shard 1 of {len(shards)} is missing: {path.name}", expected=str(path), found="missing")
+            return rep
     rep = Report(str(path))
     try:
         h = read_header(path)
@@ -1028,9 +1045,16 @@ def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[
         version=h.version, size=h.file_size, n_tensors=len(h.tensors), n_kv=len(h.kvs), arch=arch,
         file_type=_ftype_name(h.kv("general.file_type")) if "general.file_type" in h.kvs else None,
     )
-    if not h.tensors:
-        rep.add("warning", "tensors", "the file has no tensors")
-    readable = _check_tensor_infos(h, rep)
+    from gguf_moe.split import combine_headers, is_split_header
+
+    if is_split_header(h):
+        h, shards = combine_headers(h, rep.add)
+        rep.summary.update(size=h.file_size, n_tensors=len(h.tensors), n_kv=len(h.kvs), shards=[str(s.path) for s in shards])
+        readable = [t for sh in shards for t in _check_tensor_infos(sh, rep)]
+    else:
+        if not h.tensors:
+            rep.add("warning", "tensors", "the file has no tensors")
+        readable = _check_tensor_infos(h, rep)
 
     hp = None
     if not isinstance(arch, str):
@@ -1071,36 +1095,60 @@ def _summarize(kv: KV) -> Any:
 
 def inspect_file(path) -> dict:
     """Header, KVs (arrays summarized), tensors, totals, type histogram, bits per weight.
-    Raises ``CorruptFile`` if the header cannot be parsed."""
+    A split set (given its first shard or any shard) is shown whole, with its shards.
+    Raises ``CorruptFile`` if the header cannot be parsed or a shard is missing or foreign."""
+    from gguf_moe.split import combine_headers, first_shard, is_split_header
+
+    path = first_shard(Path(path))
     try:
         h = read_header(path)
     except HeaderError as e:
         raise CorruptFile(f"{path}: {e} (at byte {e.offset}); run `gguf-moe validate` for details") from None
+    except FileNotFoundError:
+        raise CorruptFile(f"{path}: no such file (the first shard of the set)") from None
+    kvs = h.kvs
+    shards = None
+    if is_split_header(h):
+        problems: list[str] = []
+
+        def add(severity, check, message, *a, **k):
+            if severity == "error":
+                problems.append(message)
+
+        h, shards = combine_headers(h, add)
+        if problems:
+            raise CorruptFile(f"{path}: {problems[0]}; run `gguf-moe validate` for details")
     tensors = []
     hist: dict[str, dict[str, int]] = {}
     n_el = n_b = 0
     for t in h.tensors:
         nb = t.n_bytes or 0
+        src = t.src if t.src is not None else h
         tensors.append({"name": t.name, "ne": list(t.ne), "type": t.type_name, "n_elements": t.n_elements,
-                        "n_bytes": nb, "offset": h.data_offset + t.offset})
+                        "n_bytes": nb, "offset": src.data_offset + t.offset})
+        if shards is not None:
+            tensors[-1]["shard"] = shards.index(src) + 1
         e = hist.setdefault(t.type_name, {"count": 0, "n_elements": 0, "n_bytes": 0})
         e["count"] += 1
         e["n_elements"] += t.n_elements
         e["n_bytes"] += nb
         n_el += t.n_elements
         n_b += nb
-    return _jsonable({
+    info = {
         "path": str(path),
         "version": h.version,
         "file_size": h.file_size,
         "alignment": h.alignment,
         "data_offset": h.data_offset,
-        "kv": [{"key": k, "type": v.type, "value": _summarize(v)} for k, v in h.kvs.items()],
+        "kv": [{"key": k, "type": v.type, "value": _summarize(v)} for k, v in kvs.items()],
         "tensors": tensors,
         "types": hist,
         "totals": {"n_tensors": len(tensors), "n_elements": n_el, "n_bytes": n_b,
                    "bits_per_weight": (8.0 * n_b / n_el) if n_el else None},
-    })
+    }
+    if shards is not None:
+        info["shards"] = [{"path": str(s.path), "file_size": s.file_size, "n_tensors": len(s.tensors)} for s in shards]
+    return _jsonable(info)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1170,8 +1218,12 @@ def _print_report(con, rep: Report, deep: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 def validate_cmd(files, deep, source, as_json):
     """Check GGUF files: structure, metadata, MoE layout, numerics (exit status 1 on any error)."""
+    from gguf_moe.split import first_shard
+
     reports = []
     show = sys.stderr.isatty() and not as_json
+    # the shards of a split set given one by one are checked once, as a set
+    files = list(dict.fromkeys(str(first_shard(Path(f))) for f in files))
     for f in files:
         if show:
             from rich.progress import Progress
@@ -1214,25 +1266,41 @@ def inspect_cmd(file, as_json):
     con.print(f"[bold]{info['path']}[/]: GGUF v{info['version']}, {info['file_size']:,} bytes, "
               f"{tot['n_tensors']} tensors, {tot['n_elements']:,} weights, "
               + (f"{bpw:.3f} bits per weight" if bpw else "no weights"))
+    from rich.text import Text
+
+    # keys are never wrapped; values are shortened to the room left (one line each)
+    key_w = max((len(e["key"]) for e in info["kv"]), default=3)
+    type_w = max((len(e["type"]) for e in info["kv"]), default=4)
+    val_w = max(16, con.width - key_w - type_w - 10)
     kv = Table(title="metadata", expand=False)
-    kv.add_column("key", overflow="fold")
-    kv.add_column("type")
-    kv.add_column("value", overflow="fold")
+    kv.add_column("key", no_wrap=True, min_width=key_w)
+    kv.add_column("type", no_wrap=True, min_width=type_w)
+    kv.add_column("value", no_wrap=True, overflow="ellipsis", max_width=val_w)
     for e in info["kv"]:
         v = e["value"]
         if isinstance(v, dict) and "length" in v:
             v = f"[{v['length']} items] " + ", ".join(repr(x) for x in v["head"]) + (", ..." if v["length"] > 5 else "")
         else:
             v = repr(v) if isinstance(v, str) else str(v)
-            if len(v) > 200:
-                v = v[:200] + "..."
-        kv.add_row(e["key"], e["type"], v)
+        v = " ".join(v.split())  # one line: newlines of chat templates and the like
+        if len(v) > val_w:
+            v = v[: val_w - 1] + "\u2026"
+        kv.add_row(Text(e["key"]), Text(e["type"]), Text(v))
     con.print(kv)
+    if "shards" in info:
+        st = Table(title="split set", expand=False)
+        for col in ("shard", "file", "tensors", "bytes"):
+            st.add_column(col, no_wrap=col != "file", overflow="fold")
+        for i, sh in enumerate(info["shards"], start=1):
+            st.add_row(str(i), Text(Path(sh["path"]).name), str(sh["n_tensors"]), f"{sh['file_size']:,}")
+        con.print(st)
     tt = Table(title="tensors", expand=False)
-    for col in ("name", "ne", "type", "bytes", "offset"):
-        tt.add_column(col, overflow="fold")
+    cols = ("name", "ne", "type", "bytes", "offset") + (("shard",) if "shards" in info else ())
+    for col in cols:
+        tt.add_column(col, no_wrap=col != "ne", overflow="fold")
     for t in info["tensors"]:
-        tt.add_row(t["name"], str(t["ne"]), t["type"], f"{t['n_bytes']:,}", f"{t['offset']:,}")
+        row = [Text(t["name"]), ", ".join(str(d) for d in t["ne"]), t["type"], f"{t['n_bytes']:,}", f"{t['offset']:,}"]
+        tt.add_row(*row, *((str(t["shard"]),) if "shard" in t else ()))
     con.print(tt)
     ht = Table(title="types", expand=False)
     for col in ("type", "tensors", "weights", "bytes", "bits/weight"):

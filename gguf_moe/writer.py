@@ -8,11 +8,14 @@ too, as llama.cpp does).  Bytes written per tensor are counted and must equal th
 
 The file is written as ``<out>.part`` next to the output and renamed with ``os.replace``
 when complete; ``abort()`` (any error, Ctrl-C) deletes the partial file.  An existing
-output is never overwritten unless ``force``.
+output is never overwritten unless ``force``.  A failed write (a full disk: ENOSPC) is one
+``GgufMoeError`` naming the file.  ``file_size(w)`` is the exact size a writer's file will
+have, known before anything is written (the disk-space preflight uses it).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import numpy as np
 
 from gguf_moe.errors import GgufMoeError
 
-__all__ = ["StreamingGGUF", "part_path", "check_output_free"]
+__all__ = ["StreamingGGUF", "part_path", "check_output_free", "file_size", "write_error"]
 
 
 def part_path(path: Path) -> Path:
@@ -37,6 +40,32 @@ def check_output_free(path: Path, force: bool) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise GgufMoeError(f"{parent}: output directory does not exist; create it first")
+
+
+def file_size(w: gguf.GGUFWriter) -> int:
+    """The size of the file ``w`` describes: header, KVs and tensor infos as ``GGUFWriter``
+    serializes them, padded to the alignment, then every tensor padded to the alignment."""
+    n = 4 + 4 + 8 + 8  # magic, version, tensor count, KV count
+    for key, val in w.kv_data[0].items():
+        n += len(w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+        n += len(w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    align = w.data_alignment
+    for name, ti in w.tensors[0].items():
+        n += len(w._pack_val(name, gguf.GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+    n = -(-n // align) * align
+    return n + sum(-(-ti.nbytes // align) * align for ti in w.tensors[0].values())
+
+
+def write_error(path: Path, e: OSError, done: int | None = None) -> GgufMoeError:
+    """One line for a failed write to ``path`` (ENOSPC named as such)."""
+    if e.errno == errno.ENOSPC:
+        what = "no space left on device (ENOSPC)"
+    elif e.errno == errno.EDQUOT:
+        what = "disk quota exceeded (EDQUOT)"
+    else:
+        what = e.strerror or str(e)
+    at = f" after {done:,} bytes" if done else ""
+    return GgufMoeError(f"{path}: write failed{at}: {what}; the partial output was removed")
 
 
 class StreamingGGUF:
@@ -57,22 +86,41 @@ class StreamingGGUF:
         self.data_offset = 0
         self._created = False
 
+    def planned(self) -> list[tuple[Path, int]]:
+        """(path, exact size) of the file this writes."""
+        return [(self.path, file_size(self.w))]
+
+    def check_free(self) -> None:
+        check_output_free(self.path, self.force)
+
     # -- lifecycle ----------------------------------------------------------------
     def open(self) -> None:
         check_output_free(self.path, self.force)
         self._created = True
-        self.w.write_header_to_file(self.part)
-        self.w.write_kv_data_to_file()
-        self.w.write_ti_data_to_file()
-        self._fout = self.w.fout[0]
-        self._pad()
+        try:
+            self.w.write_header_to_file(self.part)
+            self.w.write_kv_data_to_file()
+            self.w.write_ti_data_to_file()
+            self._fout = self.w.fout[0]
+            self._pad()
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self.data_offset = self._fout.tell()
+
+    def _tell(self) -> int | None:
+        try:
+            return self._fout.tell()
+        except (OSError, ValueError):
+            return None
 
     def _pad(self) -> None:
         pos = self._fout.tell()
         pad = -pos % self.align
         if pad:
-            self._fout.write(b"\0" * pad)
+            try:
+                self._fout.write(b"\0" * pad)
+            except OSError as e:
+                raise write_error(self.path, e, pos) from None
 
     def begin_tensor(self, name: str) -> None:
         self._finish_tensor()
@@ -87,7 +135,10 @@ class StreamingGGUF:
         self._written += b.nbytes
         if self._written > self.sizes[self._i]:
             self._size_error()
-        b.tofile(self._fout)
+        try:
+            self._fout.write(memoryview(b.reshape(-1)))
+        except OSError as e:
+            raise write_error(self.path, e, self._tell()) from None
 
     def _finish_tensor(self) -> None:
         if self._i < 0:
@@ -101,18 +152,29 @@ class StreamingGGUF:
             f"{self.path}: internal error: tensor {self.names[self._i]!r} got {self._written} bytes, planned {self.sizes[self._i]}"
         )
 
-    def close(self) -> Path:
-        """Finish the file, check its size and move it into place."""
+    def finish(self) -> None:
+        """Complete ``<out>.part`` and check its size (the output is not moved into place)."""
         self._finish_tensor()
         if self._i != len(self.names) - 1:
             raise GgufMoeError(f"{self.path}: internal error: {self._i + 1} of {len(self.names)} tensors written")
-        self._fout.flush()
-        end = self._fout.tell()
-        expected = self.data_offset + sum(-(-s // self.align) * self.align for s in self.sizes)
-        self.w.close()
+        try:
+            self._fout.flush()
+            end = self._fout.tell()
+            self.w.close()
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self._fout = None
+        expected = self.data_offset + sum(-(-s // self.align) * self.align for s in self.sizes)
         if end != expected:
             raise GgufMoeError(f"{self.path}: wrote {end} bytes, planned {expected}")
+
+    def close(self) -> Path:
+        """Finish the file, check its size and move it into place."""
+        if self._fout is not None:
+            self.finish()
+        return self.move_into_place()
+
+    def move_into_place(self) -> Path:
         if self.path.exists() and not self.force:
             raise GgufMoeError(f"{self.path}: output appeared while converting; use --force to overwrite it")
         os.replace(self.part, self.path)
@@ -120,12 +182,11 @@ class StreamingGGUF:
 
     def abort(self) -> None:
         """Close and delete the partial file (never touches the final output)."""
-        try:
-            if self.w.fout:
-                for f in self.w.fout:
-                    f.close()
-        except Exception:
-            pass
+        for f in self.w.fout or ():
+            try:
+                f.close()
+            except Exception:  # a full disk fails the final flush too
+                pass
         self._fout = None
         if self._created:
             try:
