@@ -165,23 +165,122 @@ def _load_imatrix(path: Path | None):
     return load_imatrix(path)
 
 
+def _ggml_type_callback(ctx, param, value):
+    """A ggml type name (llama-quantize's spelling, any case) that gguf-moe can write."""
+    if value is None:
+        return None
+    import quant
+    from gguf_moe.presets import parse_ggml_type
+
+    try:
+        t = parse_ggml_type(value)
+    except GgufMoeError as e:
+        raise click.BadParameter(str(e)) from None
+    if t.name not in quant.QTYPES:
+        raise click.BadParameter(f"{t.name}: this version of gguf-moe has no {t.name} quantizer")
+    return t
+
+
+def _tensor_types(values) -> list:
+    out = []
+    for v in values:
+        from gguf_moe.presets import parse_tensor_type
+
+        try:
+            pattern, t = parse_tensor_type(v)
+        except GgufMoeError as e:
+            raise click.BadParameter(str(e), param_hint="'--tensor-type'") from None
+        out.append((pattern, _ggml_type_callback(None, None, t.name)))
+    return out
+
+
+def _tensor_type_callback(ctx, param, value):
+    return _tensor_types(value)
+
+
+def _tensor_type_file_callback(ctx, param, value):
+    """llama-quantize's ``--tensor-type-file``: PATTERN=TYPE items separated by whitespace."""
+    if value is None:
+        return []
+    try:
+        text = value.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {value}: {e}") from None
+    return _tensor_types(text.split())
+
+
+def _override_options(f):
+    """llama-quantize's per-tensor type options, shared by ``convert`` and ``quantize``."""
+    f = click.option(
+        "--leave-output-tensor", is_flag=True, help="Leave output.weight un(re)quantized (as in the source)."
+    )(f)
+    f = click.option(
+        "--pure", is_flag=True, help="Disable the preset's mixture: every quantizable tensor gets its main type."
+    )(f)
+    f = click.option(
+        "--token-embedding-type", metavar="TYPE", callback=_ggml_type_callback,
+        help="ggml type for token_embd.weight (e.g. q8_0).",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--output-tensor-type", metavar="TYPE", callback=_ggml_type_callback,
+        help="ggml type for output.weight (e.g. q8_0).",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--tensor-type-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        callback=_tensor_type_file_callback, help="File of PATTERN=TYPE items separated by spaces or newlines.",
+    )(f)  # fmt: skip
+    return click.option(
+        "--tensor-type", "tensor_type", metavar="PATTERN=TYPE", multiple=True, callback=_tensor_type_callback,
+        help="Quantize tensors whose name matches the regular expression PATTERN to TYPE (e.g. attn_v=q8_0, "
+        "'blk\\.[0-3]\\.ffn_down=q6_k'); repeatable, the first matching pattern wins.",
+    )(f)  # fmt: skip
+
+
+def _make_options(imatrix, ov: dict, **kw):
+    """The ``Options`` of a command from its parsed parameters (``ov``: the override options)."""
+    from gguf_moe.options import Options
+    from gguf_moe.presets import TypeOverrides
+
+    overrides = TypeOverrides(
+        tensor_types=tuple(ov["tensor_type"]) + tuple(ov["tensor_type_file"]),
+        output_tensor_type=ov["output_tensor_type"],
+        token_embedding_type=ov["token_embedding_type"],
+        pure=ov["pure"],
+        leave_output_tensor=ov["leave_output_tensor"],
+    )
+    return Options(imatrix=_load_imatrix(imatrix), overrides=overrides, **kw)
+
+
+def _warn(plans) -> None:
+    for o in plans:
+        for w in o.warnings:
+            click.echo(f"warning: {o.preset.name}: {w}", err=True)
+
+
 def _shape_str(shape) -> str:
     return "{" + ", ".join(str(d) for d in reversed(shape)) + "}"
 
 
-def _print_plan(model, plans) -> None:
-    click.echo(f"model: {model.path} ({model.hf_arch}, {model.layout} layout, {len(model.tensors)} tensors)")
+def _print_plan(title: str, plans, imatrix=None) -> None:
+    from gguf_moe.convert import check_imatrix
+
+    click.echo(title)
     for o in plans:
         click.echo("")
         click.echo(f"# {o.preset.name} -> {o.path if o.path is not None else '(no output path)'}")
         w = max(len(t.name) for t in o.tensors)
         for t in o.tensors:
-            click.echo(f"{t.name:<{w}}  {_shape_str(t.shape):<22} {t.ggml_type.name:<5} {t.nbytes:>12}")
+            line = f"{t.name:<{w}}  {_shape_str(t.shape):<22} {t.ggml_type.name:<7} {t.nbytes:>12}"
+            click.echo(f"{line}  ({t.note})" if t.note else line)
         padded = sum(-(-t.nbytes // 32) * 32 for t in o.tensors)
         click.echo(
             f"total {o.preset.name}: {len(o.tensors)} tensors, {o.data_bytes} bytes of tensor data "
             f"({_fmt_bytes(padded)} padded), {o.bits_per_weight:.2f} bits per weight"
         )
+        try:
+            check_imatrix(o, imatrix)
+        except GgufMoeError as e:
+            click.echo(f"warning: a real run stops here: {e}", err=True)
 
 
 # --------------------------------------------------------------------------- convert
@@ -209,9 +308,10 @@ def _print_plan(model, plans) -> None:
 @click.option("--pre-tokenizer", metavar="NAME", help="llama.cpp BPE pre-tokenizer name, when it cannot be recognized.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @_quant_options
+@_override_options
 @click.option("--recipe/--no-recipe", default=True, help="Store the mergekit-moe recipe (moe.* and general.base_model.* keys).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet):
+def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet, **ov):
     """Convert the Hugging Face model in SRC_DIR to GGUF, one file per -t TYPE."""
     from gguf_moe import convert as conv
     from gguf_moe.source import open_model
@@ -222,7 +322,9 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
         raise click.UsageError("-o/--output takes one -t; use --outdir for several output types")
     if output is None and outdir is None and not dry_run:
         raise click.UsageError("give -o OUT.gguf (one -t) or --outdir DIR")
-    im = _load_imatrix(imatrix)
+    opts = _make_options(
+        imatrix, ov, force=force, backend=backend, threads=threads, pre_tokenizer=pre_tokenizer, recipe=recipe
+    )
     model = open_model(src_dir)
     try:
         if output is not None:
@@ -231,17 +333,19 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
             paths = [outdir / conv.output_name(model.name, p) for p in types]
         else:
             paths = [None] * len(types)
-        plans = conv.plan_outputs(model, types, paths, has_imatrix=im is not None)
+        plans = conv.plan_outputs(model, types, paths, opts)
+        _warn(plans)
         if dry_run:
-            _print_plan(model, plans)
+            m = model
+            _print_plan(f"model: {m.path} ({m.hf_arch}, {m.layout} layout, {len(m.tensors)} tensors)", plans, opts.imatrix)
             return
+        for o in plans:  # before any directory or file is made
+            conv.check_imatrix(o, opts.imatrix)
         if outdir is not None:
             outdir.mkdir(parents=True, exist_ok=True)
         with _progress(quiet, "convert") as prog:
-            written = conv.convert(
-                model, plans, force=force, pre_tokenizer=pre_tokenizer, recipe=recipe,
-                backend=backend, threads=threads, progress=prog, imatrix=im,
-            )  # fmt: skip
+            opts.progress = prog
+            written = conv.convert(model, plans, opts)
         if not quiet:
             for o, path in zip(plans, written):
                 click.echo(f"wrote {path} ({o.preset.name}, {_fmt_bytes(path.stat().st_size)}, {o.bits_per_weight:.2f} bpw)")
@@ -256,18 +360,29 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("type_", metavar="TYPE", callback=_type_callback)
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, type, bytes; totals) and write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @_quant_options
+@_override_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def quantize(src, dst, type_, force, threads, backend, imatrix, quiet):
+def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, **ov):
     """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does."""
-    from gguf_moe.convert import requantize
+    from gguf_moe import quantize as qz
+    from gguf_moe.writer import check_output_free
 
-    im = _load_imatrix(imatrix)
+    opts = _make_options(imatrix, ov, force=force, backend=backend, threads=threads)
+    if not dry_run:
+        check_output_free(dst, force)
+    plan = qz.plan_quantize(src, type_, None if dry_run else dst, opts)
+    _warn([plan])
+    if dry_run:
+        _print_plan(f"input: {src} ({plan.arch}, {len(plan.tensors)} tensors)", [plan], opts.imatrix)
+        return
     with _progress(quiet, "quantize") as prog:
-        out = requantize(src, dst, type_, force=force, backend=backend, threads=threads, progress=prog, imatrix=im)
+        opts.progress = prog
+        out = qz.write_quantize(plan, opts)
     if not quiet:
-        click.echo(f"wrote {out} ({type_.name}, {_fmt_bytes(out.stat().st_size)})")
+        click.echo(f"wrote {out} ({type_.name}, {_fmt_bytes(out.stat().st_size)}, {plan.bits_per_weight:.2f} bpw)")
 
 
 # --------------------------------------------------------------------------- demo
@@ -292,3 +407,8 @@ from gguf_moe.validate import inspect_cmd, validate_cmd  # noqa: E402
 
 main.add_command(validate_cmd, "validate")
 main.add_command(inspect_cmd, "inspect")
+
+# ``imatrix`` and ``eval`` run the model in torch; defined in gguf_moe.quality_cli.
+from gguf_moe.quality_cli import imatrix_cmd  # noqa: E402
+
+main.add_command(imatrix_cmd, "imatrix")

@@ -3,8 +3,8 @@
 ``plan_outputs`` decides, from the safetensors headers alone, every tensor of every output
 (name, numpy shape, ggml type from ``presets.choose_types``, byte size from
 ``quant.row_bytes``).  ``convert`` then reads each source chunk once and fans it out to
-one streaming writer per output; ``requantize`` does the same starting from a float GGUF
-(what ``llama-quantize`` does).
+one streaming writer per output.  ``gguf_moe.quantize`` is the same pair of steps starting
+from a float GGUF (what ``llama-quantize`` does); both take one ``options.Options``.
 
 Peak memory is a few chunks (``chunk_bytes`` of float32 rows, default 8 MiB) plus their
 encoded copies, independent of model size.
@@ -13,9 +13,8 @@ encoded copies, independent of model size.
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -26,7 +25,9 @@ import quant
 from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
 from gguf_moe.imatrix import Imatrix
 from gguf_moe.metadata import add_model_metadata, tokenizer_kvs
-from gguf_moe.presets import Preset, allows_quantization, choose_types, get_preset, llama_sort_key, n_dims
+from gguf_moe.options import DEFAULT_CHUNK_BYTES, Options, Progress
+from gguf_moe.presets import Preset, allows_quantization, choose_types, converter_type, get_preset, n_dims
+from gguf_moe.presets import requires_imatrix as _llama_requires_imatrix
 from gguf_moe.source import SourceModel, SourceTensor, finite_rows, widen
 from gguf_moe.writer import StreamingGGUF, check_output_free
 
@@ -36,16 +37,18 @@ __all__ = [
     "plan_outputs",
     "make_writer",
     "convert",
-    "requantize",
+    "check_imatrix",
     "output_name",
+    "Options",
     "Progress",
     "DEFAULT_CHUNK_BYTES",
 ]
 
-DEFAULT_CHUNK_BYTES = 8 << 20
 _FLOAT = (T.F32, T.F16, T.BF16)
 #: the ggml type whose bytes are a stored chunk's bytes (``SourceTensor.iter_stored``)
 _STORED = {np.dtype(np.uint16): T.BF16, np.dtype(np.float16): T.F16, np.dtype(np.float32): T.F32}
+#: the float type a checkpoint dtype converts to without loss
+_SRC_FLOAT = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
 
 
 @dataclass(frozen=True)
@@ -54,15 +57,22 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy order
     ggml_type: T
     nbytes: int
+    #: why the type differs from the preset's rule (an override, the shape fallback), or ""
+    note: str = ""
+    #: llama-quantize refuses to make this tensor without importance weights
+    needs_imatrix: bool = False
 
 
 @dataclass
 class OutputPlan:
-    """One output file: its preset, path (None for a dry run) and tensors in file order."""
+    """One output file: its preset, path (None for a dry run) and tensors in file order.
+    ``warnings``: things llama-quantize passes over in silence (a ``--tensor-type``
+    pattern that applies to no tensor), one line each."""
 
     preset: Preset
     path: Path | None
     tensors: list[PlannedTensor]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def data_bytes(self) -> int:
@@ -76,15 +86,6 @@ class OutputPlan:
     def bits_per_weight(self) -> float:
         n = self.n_params
         return 8.0 * self.data_bytes / n if n else 0.0
-
-
-class Progress:
-    """Hooks the CLI implements to show progress; the defaults do nothing."""
-
-    def start(self, total_bytes: int, n_tensors: int) -> None: ...
-    def tensor(self, name: str, index: int) -> None: ...
-    def advance(self, nbytes: int) -> None: ...
-    def finish(self) -> None: ...
 
 
 def output_name(model_name: str, preset: Preset | str) -> str:
@@ -101,34 +102,90 @@ def _nbytes(name: str, shape: tuple[int, ...], t: T) -> int:
 
 
 def plan_tensors(
-    tensors: Sequence[tuple[str, tuple[int, ...]]], preset: Preset, *, n_expert: int, n_layer: int, **kw
-) -> list[PlannedTensor]:
-    types = choose_types(preset, tensors, n_expert=n_expert, n_layer=n_layer, **kw)
-    return [PlannedTensor(n, tuple(s), types[n], _nbytes(n, tuple(s), types[n])) for n, s in tensors]
+    tensors: Sequence[tuple[str, tuple[int, ...]]],
+    preset: Preset,
+    *,
+    n_expert: int,
+    n_layer: int,
+    overrides=None,
+    **kw,
+) -> tuple[list[PlannedTensor], list[str]]:
+    """Types, sizes and notes of ``tensors`` under ``preset`` (``choose_types``'s keywords),
+    and the warnings for ``--tensor-type`` patterns that apply to no tensor."""
+    notes: dict[str, str] = {}
+    types = choose_types(preset, tensors, n_expert=n_expert, n_layer=n_layer, overrides=overrides, notes=notes, **kw)
+    planned = []
+    for n, s in tensors:
+        s, t = tuple(s), types[n]
+        needs = allows_quantization(n, s, quantize_output=not (overrides and overrides.leave_output_tensor)) and (
+            _llama_requires_imatrix(n, t, preset) or getattr(quant.QTYPES.get(t.name), "requires_imatrix", False)
+        )
+        planned.append(PlannedTensor(n, s, t, _nbytes(n, s, t), notes.get(n, ""), needs))
+    warnings = []
+    if overrides is not None:
+        used = {overrides.manual(n) for n, note in notes.items() if note.startswith("--tensor-type ")}
+        for i, (pattern, t) in enumerate(overrides.tensor_types):
+            if i in used:
+                continue
+            if preset.is_float:
+                why = f"does nothing for {preset.name} (llama-quantize applies --tensor-type to quantized types only)"
+            else:
+                why = f"applies to no tensor {preset.name} quantizes"
+            warnings.append(f"--tensor-type {pattern}={t.name} {why}")
+        if overrides.pure and preset.is_float:
+            warnings.append(f"--pure does nothing for {preset.name}")
+    return planned, warnings
+
+
+def check_imatrix(out: OutputPlan, imatrix: Imatrix | None) -> None:
+    """Refuse, before anything is written, what llama-quantize refuses: a tensor that needs
+    importance weights (``PlannedTensor.needs_imatrix``) without an imatrix, or whose
+    weights the imatrix lacks."""
+    for t in out.tensors:
+        if not t.needs_imatrix:
+            continue
+        if imatrix is None:
+            raise GgufMoeError(
+                f"{out.preset.name} needs an importance matrix ({t.name} would be {t.ggml_type.name}, which llama.cpp "
+                "does not make without one); pass --imatrix FILE, computed by llama-imatrix"
+            )
+        if imatrix.for_tensor(t.name, t.shape) is None:
+            raise GgufMoeError(
+                f"{imatrix.path} has no importance weights for {t.name}, which {out.preset.name} makes "
+                f"{t.ggml_type.name}; llama-quantize refuses that (the result would be garbage): use an imatrix "
+                "computed for this model, or choose another type for it (--tensor-type)"
+            )
 
 
 def plan_outputs(
     model: SourceModel,
     presets: Sequence[Preset | str],
     paths: Sequence[Path | None] | None = None,
+    options: Options | None = None,
     *,
-    has_imatrix: bool = False,
+    has_imatrix: bool | None = None,
 ) -> list[OutputPlan]:
-    """Plan every output from headers alone (``has_imatrix`` changes llama-quantize's
-    choice for Q4_0/Q5_0 ffn_down, as an ``--imatrix`` does)."""
+    """Plan every output from headers alone.  ``options.overrides`` apply to every output;
+    an imatrix in ``options`` (or ``has_imatrix=True``) changes the types of some presets
+    as llama-quantize's ``--imatrix`` does."""
+    opts = options or Options()
+    if has_imatrix is None:
+        has_imatrix = opts.has_imatrix
     hp = model.hparams
     shapes = [(t.name, t.shape) for t in model.tensors]
+    # what llama-quantize would read: the lossless float conversion of the checkpoint
+    source_types = {t.name: converter_type(t.name, t.shape, _SRC_FLOAT.get(t.src_dtype, T.F32)) for t in model.tensors}
     out = []
     for i, p in enumerate(presets):
         pre = get_preset(p)
-        tensors = plan_tensors(
+        tensors, warnings = plan_tensors(
             shapes, pre, n_expert=hp["n_expert"], n_layer=hp["n_layer"], n_head=hp["n_head"], n_head_kv=hp["n_head_kv"],
-            has_imatrix=has_imatrix,
+            has_imatrix=has_imatrix, overrides=opts.overrides, source_types=source_types,
         )  # fmt: skip
         for st, pt in zip(model.tensors, tensors):
             if st.force_f32 and pt.ggml_type != T.F32:
                 raise GgufMoeError(f"internal error: {st.name} must be F32, planned {pt.ggml_type.name}")
-        out.append(OutputPlan(pre, None if paths is None else paths[i], tensors))
+        out.append(OutputPlan(pre, None if paths is None else paths[i], tensors, warnings))
     return out
 
 
@@ -219,33 +276,27 @@ def _max_rows(n_cols: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * n_cols))
 
 
-def convert(
-    model: SourceModel,
-    outputs: Sequence[OutputPlan],
-    *,
-    force: bool = False,
-    pre_tokenizer: str | None = None,
-    recipe: bool = True,
-    backend: str | None = None,
-    threads: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: Progress | None = None,
-    imatrix: Imatrix | None = None,
-) -> list[Path]:
+def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options | None = None, **kw) -> list[Path]:
     """Write every output in one pass over the source; returns the paths written.
 
-    ``imatrix``: importance weights (``gguf_moe.imatrix.load_imatrix``) for the block
-    quantized outputs, used as llama-quantize uses them (per expert for ``*_exps``); plan
-    with ``has_imatrix=True`` so the per-tensor types match.
+    ``options`` (or keyword arguments naming its fields: ``force``, ``backend``,
+    ``threads``, ``imatrix``, ``progress``, ...).  ``imatrix``: importance weights
+    (``gguf_moe.imatrix.load_imatrix``) for the block quantized outputs, used as
+    llama-quantize uses them (per expert for ``*_exps``); plan with the same options so the
+    per-tensor types match.
 
     On any error (or KeyboardInterrupt) the partial ``.part`` files are deleted and the
     exception propagates; outputs that already existed are untouched.
     """
-    progress = progress or Progress()
+    opts = Options.of(options, **kw)
+    force, pre_tokenizer, recipe = opts.force, opts.pre_tokenizer, opts.recipe
+    backend, threads, chunk_bytes, imatrix = opts.backend, opts.threads, opts.chunk_bytes, opts.imatrix
+    progress = opts.progress_or_null()
     for o in outputs:
         if o.path is None:
             raise GgufMoeError("internal error: an output has no path")
         check_output_free(o.path, force)
+        check_imatrix(o, imatrix)
     if len({o.path.resolve() for o in outputs}) != len(outputs):
         raise GgufMoeError("two outputs would have the same file name; give each -t once")
     tok = tokenizer_kvs(model, pre_tokenizer)
@@ -291,146 +342,4 @@ def convert(
     except BaseException:
         for w in writers:
             w.abort()
-        raise
-
-
-# --------------------------------------------------------------------------- GGUF -> GGUF
-
-
-def _field_value(field: gguf.ReaderField):
-    types = field.types
-    if types[0] == gguf.GGUFValueType.ARRAY:
-        if len(types) > 1 and types[1] == gguf.GGUFValueType.ARRAY:
-            raise GgufMoeError(f"key {field.name}: nested arrays are not supported")
-        sub = types[1] if len(types) > 1 else gguf.GGUFValueType.UINT8
-        return list(field.contents()), types[0], sub
-    return field.contents(), types[0], None
-
-
-def requantize(
-    src: Path,
-    dst: Path,
-    preset: Preset | str,
-    *,
-    force: bool = False,
-    backend: str | None = None,
-    threads: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    progress: Progress | None = None,
-    imatrix: Imatrix | None = None,
-) -> Path:
-    """Quantize an F32/F16/BF16 GGUF like ``llama-quantize``: KVs copied in order (``split.*``
-    dropped; ``general.quantization_version`` and ``general.file_type`` re-set at the end),
-    tensors in llama.cpp order, types from ``presets.choose_types``; tensors that may not be
-    quantized, or already have the chosen type, are copied as they are."""
-    progress = progress or Progress()
-    pre = get_preset(preset)
-    src, dst = Path(src), Path(dst)
-    check_output_free(dst, force)
-    try:
-        reader = gguf.GGUFReader(src, "r")
-    except FileNotFoundError:
-        raise GgufMoeError(f"{src}: no such file") from None
-    except (ValueError, OSError, IndexError) as e:
-        raise CorruptFile(f"{src}: not a readable GGUF file ({e})") from None
-    fields = reader.fields
-    arch_f = fields.get(gguf.Keys.General.ARCHITECTURE)
-    if arch_f is None:
-        raise CorruptFile(f"{src}: no general.architecture key; not a model GGUF")
-    arch = arch_f.contents()
-
-    def kv_int(key: str, default: int = 0) -> int:
-        f = fields.get(key.format(arch=arch))
-        return int(f.contents()) if f is not None else default
-
-    n_layer = kv_int(gguf.Keys.LLM.BLOCK_COUNT)
-    n_expert = kv_int(gguf.Keys.LLM.EXPERT_COUNT)
-    infos = []
-    for rt in reader.tensors:
-        ne = [int(d) for d in rt.shape]
-        shape = tuple(reversed(ne[: n_dims(tuple(reversed(ne)))]))
-        infos.append((rt.name, shape, rt))
-    infos.sort(key=lambda x: llama_sort_key(x[0]))
-    types = choose_types(
-        pre, [(n, s) for n, s, _ in infos], n_expert=n_expert, n_layer=n_layer, arch=arch, has_imatrix=imatrix is not None
-    )
-
-    w = gguf.GGUFWriter(None, arch)
-    w.kv_data[0].clear()  # re-added below in the input's order
-    skip = (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE)
-    for key, f in fields.items():
-        if key.startswith("GGUF.") or key.startswith("split.") or key in skip:
-            continue
-        val, vtype, sub = _field_value(f)
-        w.add_key_value(key, val, vtype, sub_type=sub)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_file_type(pre.file_type)
-    if imatrix is not None:
-        add_imatrix_kvs(w, imatrix)
-    align = fields.get(gguf.Keys.General.ALIGNMENT)
-    if align is not None:  # the copied key must describe the file we write
-        w.data_alignment = int(align.contents())
-
-    plan: list[tuple[str, tuple[int, ...], T, T, object]] = []
-    for name, shape, rt in infos:
-        cur = T(rt.tensor_type)
-        new = types[name]
-        if not allows_quantization(name, shape) or new == cur:
-            new = cur
-        elif cur not in _FLOAT:
-            raise GgufMoeError(
-                f"{src}: tensor {name} is already {cur.name}; requantizing quantized data loses quality and is not supported, "
-                "start from an F32/F16/BF16 file"
-            )
-        nbytes = _nbytes(name, shape, new)
-        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=new)
-        plan.append((name, shape, cur, new, rt))
-
-    sw = StreamingGGUF(dst, w, force=force)
-    mm = getattr(reader.data, "_mmap", None)
-    try:
-        sw.open()
-        progress.start(sum(int(rt.n_bytes) for *_, rt in plan), len(plan))
-        for i, (name, shape, cur, new, rt) in enumerate(plan):
-            progress.tensor(name, i)
-            sw.begin_tensor(name)
-            raw = np.asarray(rt.data).reshape(-1).view(np.uint8)
-            if raw.nbytes != int(rt.n_bytes):
-                raise CorruptFile(f"{src}: tensor {name} is truncated ({raw.nbytes} of {int(rt.n_bytes)} bytes)")
-            if new == cur:
-                step = max(1, chunk_bytes)
-                for o in range(0, raw.nbytes, step):
-                    sw.write(np.array(raw[o : o + step]))
-                    progress.advance(min(step, raw.nbytes - o))
-            else:
-                n = shape[-1]
-                rows = raw.reshape(-1, quant.row_bytes(cur.name, n))
-                nrows = rows.shape[0]
-                per = max(1, shape[1] if len(shape) == 3 else nrows)  # chunks never cross an expert (imatrix)
-                step = _max_rows(n, chunk_bytes)
-                for e0 in range(0, nrows, per):
-                    for r0 in range(e0, min(e0 + per, nrows), step):
-                        r1 = min(r0 + step, e0 + per, nrows)
-                        x = quant.dequantize(np.array(rows[r0:r1]), cur.name, n)
-                        ok = np.isfinite(x).all(axis=1)
-                        if not ok.all():
-                            r = int(np.flatnonzero(~ok)[0])
-                            v = x[r][~np.isfinite(x[r])][0]
-                            raise CorruptFile(
-                                f"{src}: tensor {name} row {r0 + r} holds a non-finite value ({v}); "
-                                "llama.cpp cannot use NaN/Inf weights, fix the file it was made from"
-                            )
-                        try:
-                            qw = _imatrix_for(imatrix, name, shape, new, r0)
-                            sw.write(encode(x, new, backend=backend, threads=threads, imatrix=qw))
-                        except QuantError as e:
-                            raise CorruptFile(f"{src}: tensor {name} row {r0} -> {new.name}: {e}") from None
-                        progress.advance(rows[r0:r1].nbytes)
-            if mm is not None and hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED)
-        out = sw.close()
-        progress.finish()
-        return out
-    except BaseException:
-        sw.abort()
         raise

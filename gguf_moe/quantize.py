@@ -1,0 +1,223 @@
+"""GGUF -> GGUF quantization, what ``llama-quantize IN OUT TYPE`` does.
+
+Two steps, as for ``convert``: ``plan_quantize`` reads the input's header and decides every
+output tensor (type from ``presets.choose_types`` with the ``options.Options`` overrides,
+byte size, notes), with no output file touched (``--dry-run`` prints it);
+``write_quantize`` streams the tensors through the quantizers into the output file.
+
+The output is what llama.cpp writes: the input's KVs in their order (``split.*`` dropped,
+``general.quantization_version`` and ``general.file_type`` set again at the end, then the
+``quantize.imatrix.*`` keys with an imatrix), tensors in llama.cpp's order; tensors that may
+not be quantized, or already have the chosen type, are copied as they are.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+import quant
+from gguf_moe.convert import (
+    _FLOAT,
+    OutputPlan,
+    PlannedTensor,
+    _imatrix_for,
+    _max_rows,
+    add_imatrix_kvs,
+    check_imatrix,
+    encode,
+    plan_tensors,
+)
+from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
+from gguf_moe.options import Options
+from gguf_moe.presets import Preset, get_preset, llama_sort_key, n_dims
+from gguf_moe.writer import StreamingGGUF, check_output_free
+
+__all__ = ["QuantizePlan", "plan_quantize", "write_quantize", "requantize"]
+
+
+@dataclass
+class QuantizePlan(OutputPlan):
+    """An ``OutputPlan`` read from a GGUF file: ``source_types`` holds each tensor's type in
+    the input (same order as ``tensors``)."""
+
+    src: Path = Path()
+    arch: str = ""
+    source_types: list[T] = field(default_factory=list)
+    reader: gguf.GGUFReader | None = field(default=None, repr=False)
+
+
+def _field_value(f: gguf.ReaderField):
+    types = f.types
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if len(types) > 1 and types[1] == gguf.GGUFValueType.ARRAY:
+            raise GgufMoeError(f"key {f.name}: nested arrays are not supported")
+        sub = types[1] if len(types) > 1 else gguf.GGUFValueType.UINT8
+        return list(f.contents()), types[0], sub
+    return f.contents(), types[0], None
+
+
+def _open(src: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(src, "r")
+    except FileNotFoundError:
+        raise GgufMoeError(f"{src}: no such file") from None
+    except IsADirectoryError:
+        raise GgufMoeError(f"{src}: is a directory, not a GGUF file") from None
+    except (ValueError, OSError, IndexError) as e:
+        raise CorruptFile(f"{src}: not a readable GGUF file ({e})") from None
+
+
+def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None = None, options: Options | None = None):
+    """Read ``src``'s header and plan the output (``dst`` None for a dry run).  Raises
+    GgufMoeError for input llama-quantize refuses (already quantized tensors, no
+    architecture) and for types gguf-moe cannot write; the imatrix requirement is checked
+    by ``write_quantize`` (``check_imatrix``), so a dry run can show it."""
+    opts = options or Options()
+    pre = get_preset(preset)
+    src = Path(src)
+    reader = _open(src)
+    fields = reader.fields
+    arch_f = fields.get(gguf.Keys.General.ARCHITECTURE)
+    if arch_f is None:
+        raise CorruptFile(f"{src}: no general.architecture key; not a model GGUF")
+    arch = arch_f.contents()
+
+    def kv_int(key: str) -> int | None:
+        f = fields.get(key.format(arch=arch))
+        if f is None:
+            return None
+        v = f.contents()
+        if isinstance(v, list):  # per-layer head counts: llama.cpp's n_gqa() looks at layer 0
+            v = v[0] if v else None
+        return None if v is None else int(v)
+
+    n_layer = kv_int(gguf.Keys.LLM.BLOCK_COUNT) or 0
+    n_expert = kv_int(gguf.Keys.LLM.EXPERT_COUNT) or 0
+    n_head, n_head_kv = kv_int(gguf.Keys.Attention.HEAD_COUNT), kv_int(gguf.Keys.Attention.HEAD_COUNT_KV)
+    if n_head is not None and n_head_kv is None:
+        n_head_kv = n_head  # llama.cpp's default when the key is absent
+    infos = []
+    for rt in reader.tensors:
+        ne = [int(d) for d in rt.shape]
+        shape = tuple(reversed(ne[: n_dims(tuple(reversed(ne)))]))
+        infos.append((rt.name, shape, T(rt.tensor_type), rt))
+    infos.sort(key=lambda x: llama_sort_key(x[0]))
+    source_types = {n: cur for n, _, cur, _ in infos}
+    planned, warnings = plan_tensors(
+        [(n, s) for n, s, _, _ in infos], pre, n_expert=n_expert, n_layer=n_layer, arch=arch,
+        n_head=n_head, n_head_kv=n_head_kv, has_imatrix=opts.has_imatrix, overrides=opts.overrides,
+        source_types=source_types,
+    )  # fmt: skip
+    for pt, (name, _, cur, _) in zip(planned, infos):
+        if pt.ggml_type != cur and cur not in _FLOAT:
+            raise GgufMoeError(
+                f"{src}: tensor {name} is already {cur.name}; requantizing quantized data loses quality and is not "
+                "supported, start from an F32/F16/BF16 file"
+            )
+    return QuantizePlan(
+        pre, None if dst is None else Path(dst), planned, warnings,
+        src=src, arch=arch, source_types=[cur for _, _, cur, _ in infos], reader=reader,
+    )  # fmt: skip
+
+
+def _writer(plan: QuantizePlan, opts: Options) -> gguf.GGUFWriter:
+    fields = plan.reader.fields
+    w = gguf.GGUFWriter(None, plan.arch)
+    w.kv_data[0].clear()  # re-added below in the input's order
+    skip = (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE)
+    for key, f in fields.items():
+        if key.startswith("GGUF.") or key.startswith("split.") or key in skip:
+            continue
+        val, vtype, sub = _field_value(f)
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(plan.preset.file_type)
+    if opts.imatrix is not None:
+        add_imatrix_kvs(w, opts.imatrix)
+    align = fields.get(gguf.Keys.General.ALIGNMENT)
+    if align is not None:  # the copied key must describe the file we write
+        w.data_alignment = int(align.contents())
+    for t in plan.tensors:
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+    return w
+
+
+def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> Path:
+    """Write ``plan`` to ``plan.path``; returns the path.  On any error the partial file is
+    removed and the exception propagates."""
+    opts = Options.of(options, **kw)
+    if plan.path is None:
+        raise GgufMoeError("internal error: the plan has no output path")
+    check_output_free(plan.path, opts.force)
+    check_imatrix(plan, opts.imatrix)
+    progress = opts.progress_or_null()
+    src, imatrix = plan.src, opts.imatrix
+    by_name = {rt.name: rt for rt in plan.reader.tensors}
+    sw = StreamingGGUF(plan.path, _writer(plan, opts), force=opts.force)
+    mm = getattr(plan.reader.data, "_mmap", None)
+    try:
+        sw.open()
+        progress.start(sum(int(by_name[t.name].n_bytes) for t in plan.tensors), len(plan.tensors))
+        for i, (t, cur) in enumerate(zip(plan.tensors, plan.source_types)):
+            progress.tensor(t.name, i)
+            sw.begin_tensor(t.name)
+            rt = by_name[t.name]
+            raw = np.asarray(rt.data).reshape(-1).view(np.uint8)
+            if raw.nbytes != int(rt.n_bytes):
+                raise CorruptFile(f"{src}: tensor {t.name} is truncated ({raw.nbytes} of {int(rt.n_bytes)} bytes)")
+            if t.ggml_type == cur:
+                step = max(1, opts.chunk_bytes)
+                for o in range(0, raw.nbytes, step):
+                    sw.write(np.array(raw[o : o + step]))
+                    progress.advance(min(step, raw.nbytes - o))
+            else:
+                _requantize_tensor(sw, t, cur, raw, src, imatrix, opts, progress)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+        out = sw.close()
+        progress.finish()
+        return out
+    except BaseException:
+        sw.abort()
+        raise
+
+
+def _requantize_tensor(sw, t: PlannedTensor, cur: T, raw: np.ndarray, src: Path, imatrix, opts: Options, progress):
+    name, shape, new = t.name, t.shape, t.ggml_type
+    n = shape[-1]
+    rows = raw.reshape(-1, quant.row_bytes(cur.name, n))
+    nrows = rows.shape[0]
+    per = max(1, shape[1] if len(shape) == 3 else nrows)  # chunks never cross an expert (imatrix)
+    step = _max_rows(n, opts.chunk_bytes)
+    for e0 in range(0, nrows, per):
+        for r0 in range(e0, min(e0 + per, nrows), step):
+            r1 = min(r0 + step, e0 + per, nrows)
+            x = quant.dequantize(np.array(rows[r0:r1]), cur.name, n)
+            ok = np.isfinite(x).all(axis=1)
+            if not ok.all():
+                r = int(np.flatnonzero(~ok)[0])
+                v = x[r][~np.isfinite(x[r])][0]
+                raise CorruptFile(
+                    f"{src}: tensor {name} row {r0 + r} holds a non-finite value ({v}); "
+                    "llama.cpp cannot use NaN/Inf weights, fix the file it was made from"
+                )
+            try:
+                qw = _imatrix_for(imatrix, name, shape, new, r0)
+                sw.write(encode(x, new, backend=opts.backend, threads=opts.threads, imatrix=qw))
+            except QuantError as e:
+                raise CorruptFile(f"{src}: tensor {name} row {r0} -> {new.name}: {e}") from None
+            progress.advance(rows[r0:r1].nbytes)
+
+
+def requantize(src: str | Path, dst: str | Path, preset: Preset | str, options: Options | None = None, **kw) -> Path:
+    """Plan and write in one call: ``llama-quantize SRC DST PRESET`` (``options`` or its
+    fields as keywords)."""
+    opts = Options.of(options, **kw)
+    check_output_free(Path(dst), opts.force)
+    return write_quantize(plan_quantize(src, preset, dst, opts), opts)
