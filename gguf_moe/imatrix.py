@@ -26,7 +26,7 @@ import numpy as np
 
 from gguf_moe.errors import CorruptFile, LayoutMismatch
 
-__all__ = ["Imatrix", "load_imatrix"]
+__all__ = ["Imatrix", "load_imatrix", "write_imatrix"]
 
 
 @dataclass
@@ -164,3 +164,51 @@ def _load_legacy(path: Path) -> Imatrix:
             if n > 0 and pos + n <= len(data):
                 datasets.append(data[pos : pos + n].split(b"\0", 1)[0].decode("utf-8", "replace"))
     return Imatrix(path, entries, datasets, chunk_count, True)
+
+
+def write_imatrix(
+    path: str | Path,
+    entries: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    datasets: list[str],
+    chunk_count: int,
+    chunk_size: int,
+) -> Path:
+    """Write llama-imatrix's GGUF format: ``entries`` maps a weight name to
+    (``in_sum2`` float ``[n_mat, ne0]``, ``counts`` ``[n_mat]``).  Keys and tensor order as
+    ``IMatrixCollector::save_imatrix``: no architecture key, ``general.type = imatrix``,
+    ``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``; per name in sorted
+    order ``<name>.in_sum2`` (ne ``[ne0, n_mat]``) then ``<name>.counts`` (ne ``[1, n_mat]``),
+    both F32, one-dimensional when ``n_mat`` is 1 (ggml's ``n_dims`` drops trailing ones).  The file is written to ``path.part`` and renamed when complete."""
+    import os
+
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    w = GGUFWriter(tmp, "llama")
+    w.kv_data[0].pop("general.architecture", None)
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", [str(d) for d in datasets])
+    w.add_uint32("imatrix.chunk_count", int(chunk_count))
+    w.add_uint32("imatrix.chunk_size", int(chunk_size))
+    for name in sorted(entries):
+        sums, counts = entries[name]
+        counts = np.asarray(counts).reshape(-1)
+        sums = np.asarray(sums, dtype=np.float32).reshape(len(counts), -1)
+        cnt = counts.astype(np.float32).reshape(-1, 1)
+        if len(counts) == 1:  # ggml drops trailing dimensions of size 1: ne [ne0] and [1]
+            sums, cnt = sums.reshape(-1), cnt.reshape(-1)
+        w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(sums))
+        w.add_tensor(f"{name}.counts", np.ascontiguousarray(cnt))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
