@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from quant._numba import _JIT, _bits_f32, _f16, _f32_bits, _nint, _put16
-from quant._numpy_iq4 import IQ4_THRESHOLDS, IQ4_VALUES, LOG2_UP, MXFP4_VALUES
+from quant._numpy_iq4 import IQ4_THRESHOLDS, IQ4_VALUES, LOG2_UP, MXFP4_THRESHOLDS, MXFP4_VALUES
 
 F32 = np.float32
 _Z = F32(0.0)
@@ -35,6 +35,7 @@ _T = tuple(F32(t) for t in IQ4_THRESHOLDS)  # 15 thresholds
 _V = tuple(F32(v) for v in IQ4_VALUES)  # 16 values
 _V0 = _V[0]
 _MV = tuple(F32(v) for v in MXFP4_VALUES)
+_MT = tuple(F32(t) for t in MXFP4_THRESHOLDS)  # 7 thresholds
 
 # tile layout (float32 offsets)
 _X = 0
@@ -256,7 +257,16 @@ def kq_iq4_xs(x, n, qw, use_qw, out):
 
 @njit(**_JIT)
 def kq_mxfp4(x, log2_up, out):
-    """MXFP4 (``quantize_row_mxfp4_ref``; 17-byte blocks); quant weights are not used."""
+    """MXFP4 (``quantize_row_mxfp4_ref``; 17-byte blocks); quant weights are not used.
+
+    ``best_index_mxfp4`` (first index of least ``fabsf(kvalues[i]*d - x)``) is, for the
+    power-of-two ``d`` of ordinary blocks, the count ``c`` of thresholds
+    ``MXFP4_THRESHOLDS*d`` that ``|x|`` reaches: index ``c`` for x >= 0, ``8 + c`` for x < 0
+    with c > 0 (ties go to the earlier index: 0 before -0, positive before negative).  The
+    scaled thresholds are exact and the errors scale exactly while ``d`` is a normal float
+    with ``12*d`` finite and ``T*d`` normal (e = 28..252); other blocks (subnormal or huge
+    magnitudes) run the C search literally.
+    """
     nblk = x.size // 32
     best = np.empty(32, F32)
     idx = np.empty(32, np.int32)
@@ -281,16 +291,31 @@ def kq_mxfp4(x, log2_up, out):
                 k += 1
             e = (k - 2 + 127) & 0xFF  # x86-64 (uint8_t) of a float: through int32
         d = _bits_f32(np.int32(0x00200000 << e)) if e < 2 else _bits_f32(np.int32((e - 1) << 23))
-        for i in range(32):
-            best[i] = abs(_MV[0] * d - x[o + i])
-            idx[i] = 0
-        for c in range(1, 16):
-            kd = _MV[c] * d
+        if e >= 28 and e <= 252:
+            t1 = _MT[0] * d
+            t2 = _MT[1] * d
+            t3 = _MT[2] * d
+            t4 = _MT[3] * d
+            t5 = _MT[4] * d
+            t6 = _MT[5] * d
+            t7 = _MT[6] * d
             for i in range(32):
-                err = abs(kd - x[o + i])
-                u = err < best[i]
-                best[i] = err if u else best[i]
-                idx[i] = c if u else idx[i]
+                v = x[o + i]
+                a = abs(v)
+                c = np.int32(a >= t1) + np.int32(a >= t2) + np.int32(a >= t3) + np.int32(a >= t4)
+                c += np.int32(a >= t5) + np.int32(a >= t6) + np.int32(a >= t7)
+                idx[i] = c + 8 if (v < _Z and c > 0) else c
+        else:
+            for i in range(32):
+                best[i] = abs(_MV[0] * d - x[o + i])
+                idx[i] = 0
+            for c in range(1, 16):
+                kd = _MV[c] * d
+                for i in range(32):
+                    err = abs(kd - x[o + i])
+                    u = err < best[i]
+                    best[i] = err if u else best[i]
+                    idx[i] = c if u else idx[i]
         ob = b * 17
         out[ob] = e
         for j in range(16):

@@ -86,11 +86,13 @@ def _key_f32(k: np.ndarray) -> np.ndarray:
     return b.view(F32)
 
 
-def index_thresholds(values: np.ndarray) -> np.ndarray:
-    """Thresholds ``T [len(values)-1]`` with ``best_index_int8(x) == searchsorted(T, x, "right")``.
+def index_thresholds(values: np.ndarray, *, strict: bool = False) -> np.ndarray:
+    """Thresholds ``T [len(values)-1]`` at which a nearest-value choice moves up one index.
 
-    ``T[k-1]`` = smallest float32 ``t`` in ``(v[k-1], v[k]]`` with
-    ``(t - v[k-1]) >= (v[k] - t)`` in float32 (found by bisection on the float order).
+    ``T[k-1]`` = smallest float32 ``t`` in ``(v[k-1], v[k]]`` with ``t - v[k-1] >= v[k] - t``
+    (``strict``: ``>``) in float32, found by bisection on the float order.  Without
+    ``strict`` this is ``best_index_int8``: ``best_index_int8(x) == searchsorted(T, x, "right")``;
+    ``strict`` is a first-index-wins search over ``fabsf(v[k] - x)`` (MXFP4).
     """
     v = np.asarray(values, F32)
     lo_v, hi_v = v[:-1], v[1:]
@@ -100,7 +102,7 @@ def index_thresholds(values: np.ndarray) -> np.ndarray:
         while (hi - lo > 1).any():
             mid = (lo + hi) // 2
             t = _key_f32(mid)
-            ok = (t - lo_v) >= (hi_v - t)
+            ok = (t - lo_v) > (hi_v - t) if strict else (t - lo_v) >= (hi_v - t)
             move = hi - lo > 1
             hi = np.where(move & ok, mid, hi)
             lo = np.where(move & ~ok, mid, lo)
@@ -109,6 +111,9 @@ def index_thresholds(values: np.ndarray) -> np.ndarray:
 
 #: best_index_int8 thresholds for kvalues_iq4nl
 IQ4_THRESHOLDS = index_thresholds(IQ4_VALUES)
+#: best_index_mxfp4 thresholds between the non-negative values 0, 1, 2, 3, 4, 6, 8, 12
+#: (scale 1; see ``_numba_iq4.kq_mxfp4``)
+MXFP4_THRESHOLDS = index_thresholds(MXFP4_VALUES[:8], strict=True)
 
 
 def best_index(v: np.ndarray) -> np.ndarray:

@@ -158,7 +158,23 @@ def _tiny(rng, rows, n):
     return x.astype(np.float32)
 
 
-EDGE = {"huge": _huge, "binade_tops": _binade_tops, "tiny": _tiny}
+def _grid_ties(rng, rows, n):
+    """MXFP4 decision points: blocks of 2**k * 1.5 (exponent k - 2 + 127, so d = 2**(k-3))
+    with values at the exact midpoints between neighbouring grid values times d, and the
+    floats next to them (the C search gives ties to the earlier index), both signs."""
+    nb = n // 32
+    k = rng.integers(-100, 126, size=(rows, nb, 1)).astype(np.float64)
+    grid = np.array([0, 1, 2, 3, 4, 6, 8, 12], np.float64)
+    mids = (grid[1:] + grid[:-1]) / 2
+    v = (mids[rng.integers(7, size=(rows, nb, 32))] * 2.0 ** (k - 3)).astype(np.float32)
+    step = rng.integers(-1, 2, size=v.shape)
+    v = np.where(step > 0, np.nextafter(v, np.float32(np.inf)), np.where(step < 0, np.nextafter(v, np.float32(0)), v))
+    v = v * rng.choice([-1.0, 1.0], size=v.shape).astype(np.float32)
+    v[..., 0] = (1.5 * 2.0**k[..., 0]).astype(np.float32)
+    return v.reshape(rows, n).astype(np.float32)
+
+
+EDGE = {"huge": _huge, "binade_tops": _binade_tops, "tiny": _tiny, "grid_ties": _grid_ties}
 EDGE_IMATRIX = {
     "none": lambda n: None,
     "realistic": lambda n: weights.imatrix(n, seed=5),
