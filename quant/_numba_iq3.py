@@ -22,6 +22,7 @@ from numba import njit
 
 from ._iqgrid import iq3_tables
 from ._numba import _JIT, _f16, _nint, _put16
+from ._numpy_iq3 import too_large
 
 F32 = np.float32
 QK_K = 256
@@ -60,7 +61,7 @@ def _neighbour(nbr, start, gridf, xval, waux, o, scale):
     w2 = waux[o + 2 * NL]
     w3 = waux[o + 3 * NL]
     best = _FLT_MAX
-    gi = nbr[start + 1]  # C asserts a hit; only all-NaN/huge distances reach the fallback
+    gi = -1  # no candidate below FLT_MAX: ggml asserts (huge or NaN distances)
     for j in range(1, cnt + 1):
         g = nbr[start + j]
         p = 4 * g
@@ -80,7 +81,11 @@ def _neighbour(nbr, start, gridf, xval, waux, o, scale):
 
 @njit(**_JIT)
 def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
-    """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256)."""
+    """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256).
+
+    Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
+    (and ggml aborts): then ``out`` is incomplete.
+    """
     nsb = x.size // QK_K
     SB = NL // 8
     ts = 98 if xxs else 110
@@ -208,6 +213,8 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
                     if g < 0 and live[s]:
                         o = 4 * k * NL + s
                         g = _neighbour(nbr, -g - 1, gridf, xval, waux, o, tsc[s])
+                        if g < 0:
+                            return t0 * 8 + s
                         for i in range(4):
                             La[o + i * NL] = glev[4 * g + i]
             for s in range(NL):
@@ -250,6 +257,8 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
                 g = kmap[u]
                 if g < 0:
                     g = _neighbour(nbr, -g - 1, gridf, xval, waux, o, scale[s])
+                    if g < 0:
+                        return t0 * 8 + s
                 for i in range(4):
                     L[o + i * NL] = glev[4 * g + i]
             a = _Z
@@ -327,9 +336,13 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
                     slot += 1
                 for j in range(4):
                     out[o + 106 + j] = lsc[2 * j] | (lsc[2 * j + 1] << 4)
+    return -1
 
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ3_XXS / IQ3_S of the flat rows ``x`` into ``out``."""
     gridf, glev, kmap, nbr = tables(name)
-    _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", gridf, glev, kmap, nbr, out)
+    bad = _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", gridf, glev, kmap, nbr, out)
+    if bad >= 0:
+        raise too_large(name, float(np.abs(x[bad * 32 : bad * 32 + 32]).max()))
+

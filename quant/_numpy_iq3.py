@@ -61,11 +61,22 @@ def _seqsum(terms: np.ndarray) -> np.ndarray:
     return s
 
 
+def too_large(name: str, amax: float):
+    """The error for input where ggml's neighbour search finds no candidate and ggml aborts."""
+    from . import QuantError
+
+    return QuantError(
+        f"{name}: values too large for the grid search (|x| up to {amax:.3g} in one block): "
+        "llama.cpp aborts on this input (GGML_ASSERT in iq3_find_best_neighbour); rescale the tensor"
+    )
+
+
 class _Lattice:
     """ggml's ``kgrid_q3xs`` / ``kmap_q3xs`` / ``kneighbors_q3xs`` in gather-friendly form."""
 
     def __init__(self, name: str):
         t = iq3_tables(name)
+        self.name = name
         self.kmap = t.kmap.astype(np.int64)
         self.levels = ((t.grid.astype(np.int64) - 1) // 2).astype(np.int8)  # [G, 4] in 0..7
         self.gridf = t.grid.astype(F32)  # [G, 4] 1..15
@@ -93,7 +104,11 @@ class _Lattice:
             d2 += (waux[i][:, None] * diff) * diff
         # C: strict '<' from FLT_MAX: NaN and values >= FLT_MAX are never taken
         d2 = np.where((cand >= 0) & (d2 < np.finfo(F32).max), d2, np.inf)
-        return cand[np.arange(cand.shape[0]), np.argmin(d2, axis=1)]
+        j = np.argmin(d2, axis=1)
+        r = np.arange(cand.shape[0])
+        if np.isinf(d2[r, j]).any():  # no candidate: ggml's GGML_ASSERT(grid_index >= 0) aborts
+            raise too_large(self.name, float(np.abs(xval[:, np.flatnonzero(np.isinf(d2[r, j]))[0]]).max()))
+        return cand[r, j]
 
     def quantize_groups(self, L, xval, waux, id_, scale, mask):
         """Levels for the groups ``mask`` [8, B]: ``nearest_int(0.5*(id*xval - 1))`` in 0..7,
