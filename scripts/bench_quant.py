@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import quant  # noqa: E402
 
-ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
 
 
 def load_ggml():
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         qw_full = make_imatrix(n, args.seed)
         for t in types:
             variants = [False, True] if args.imatrix == "both" else [args.imatrix == "only"]
-            if t == "Q8_0":
+            if not quant.QTYPES[t].uses_imatrix:  # Q8_0, MXFP4: ggml ignores the imatrix
                 variants = [False] if args.imatrix != "only" else []
             for use in variants:
                 qw = qw_full if use else None
