@@ -236,6 +236,61 @@ def _override_options(f):
     )(f)  # fmt: skip
 
 
+def _split_size_callback(ctx, param, value):
+    if value is None:
+        return None
+    from gguf_moe.split import parse_split_size
+
+    try:
+        return parse_split_size(value)
+    except GgufMoeError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _publish_options(f):
+    """``--split-max-size``, ``--split-max-tensors`` and ``--no-space-check``, shared by
+    ``convert`` and ``quantize``."""
+    f = click.option(
+        "--no-space-check", is_flag=True,
+        help="Do not stop before writing when the outputs' exact sizes exceed the free disk space.",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--split-max-tensors", type=click.IntRange(min=1), metavar="N",
+        help="Write each output as a llama-gguf-split set of at most N tensors per file.",
+    )(f)  # fmt: skip
+    return click.option(
+        "--split-max-size", metavar="SIZE", callback=_split_size_callback,
+        help="Write each output as a llama-gguf-split set: at most SIZE of tensor data per file "
+        "(500M, 50G: decimal units, as llama-gguf-split takes them). Files are <name>-00001-of-0000N.gguf.",
+    )(f)  # fmt: skip
+
+
+def _split_spec(max_size, max_tensors):
+    if max_size is not None and max_tensors is not None:
+        raise click.UsageError("give either --split-max-size or --split-max-tensors, not both")
+    if max_size is None and max_tensors is None:
+        return None
+    from gguf_moe.split import SplitSpec
+
+    return SplitSpec(max_bytes=max_size, max_tensors=max_tensors)
+
+
+def _files_of(path: Path, split) -> list[Path]:
+    """The files an output was written as (the shards of a split set)."""
+    if split is None:
+        return [path]
+    from gguf_moe.split import shard_paths_of
+
+    return shard_paths_of(path) or [path]
+
+
+def _wrote(path: Path, split, what: str) -> None:
+    files = _files_of(path, split)
+    size = sum(p.stat().st_size for p in files)
+    more = f" + {len(files) - 1} more shard{'s' if len(files) > 2 else ''}" if len(files) > 1 else ""
+    click.echo(f"wrote {path}{more} ({what.format(size=_fmt_bytes(size))})")
+
+
 def _make_options(imatrix, ov: dict, **kw):
     """The ``Options`` of a command from its parsed parameters (``ov``: the override options)."""
     from gguf_moe.options import Options
@@ -287,7 +342,7 @@ def _print_plan(title: str, plans, imatrix=None) -> None:
 
 
 @main.command()
-@click.argument("src_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("src_dir", metavar="SRC", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "-t",
     "--type",
@@ -302,19 +357,28 @@ def _print_plan(title: str, plans, imatrix=None) -> None:
 @click.option(
     "--outdir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory; files are named <model-name>-<TYPE>.gguf.",
+    help="Output directory; files are named <model-name>-<TYPE>.gguf, with a model card README.md.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, type, bytes; totals per output) and write nothing.")
 @click.option("--pre-tokenizer", metavar="NAME", help="llama.cpp BPE pre-tokenizer name, when it cannot be recognized.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @_quant_options
 @_override_options
+@_publish_options
 @click.option("--recipe/--no-recipe", default=True, help="Store the mergekit-moe recipe (moe.* and general.base_model.* keys).")
+@click.option("--no-card", is_flag=True, help="With --outdir: do not write the model card <outdir>/README.md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet, **ov):
-    """Convert the Hugging Face model in SRC_DIR to GGUF, one file per -t TYPE."""
-    from gguf_moe import convert as conv
-    from gguf_moe.source import open_model
+def convert(
+    src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet,
+    split_max_size, split_max_tensors, no_space_check, no_card, **ov,
+):  # fmt: skip
+    """Convert the Hugging Face model SRC to GGUF, one file per -t TYPE.
+
+    SRC is a model directory or a Hugging Face repo id (org/name or org/name@revision),
+    read from the local Hub cache and downloaded when missing (HF_HUB_OFFLINE=1: the cache
+    alone); a local directory of that name wins.  With --outdir a model card README.md is
+    written next to the files."""
+    from gguf_moe.hub import open_source
 
     if output is not None and outdir is not None:
         raise click.UsageError("give either -o/--output or --outdir, not both")
@@ -322,9 +386,21 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
         raise click.UsageError("-o/--output takes one -t; use --outdir for several output types")
     if output is None and outdir is None and not dry_run:
         raise click.UsageError("give -o OUT.gguf (one -t) or --outdir DIR")
+    split = _split_spec(split_max_size, split_max_tensors)
+    with open_source(src_dir) as (model_dir, hub):
+        _convert(model_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix,
+                 recipe, quiet, split, no_space_check, no_card, ov)  # fmt: skip
+
+
+def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe,
+             quiet, split, no_space_check, no_card, ov):  # fmt: skip
+    from gguf_moe import convert as conv
+    from gguf_moe.source import open_model
+
     opts = _make_options(
-        imatrix, ov, force=force, backend=backend, threads=threads, pre_tokenizer=pre_tokenizer, recipe=recipe
-    )
+        imatrix, ov, force=force, backend=backend, threads=threads, pre_tokenizer=pre_tokenizer, recipe=recipe,
+        split=split, space_check=not no_space_check,
+    )  # fmt: skip
     model = open_model(src_dir)
     try:
         if output is not None:
@@ -341,6 +417,11 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
             return
         for o in plans:  # before any directory or file is made
             conv.check_imatrix(o, opts.imatrix)
+        card = outdir is not None and not no_card
+        if card:
+            from gguf_moe.card import check_card_free
+
+            check_card_free(outdir, force)
         if outdir is not None:
             outdir.mkdir(parents=True, exist_ok=True)
         with _progress(quiet, "convert") as prog:
@@ -348,9 +429,29 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
             written = conv.convert(model, plans, opts)
         if not quiet:
             for o, path in zip(plans, written):
-                click.echo(f"wrote {path} ({o.preset.name}, {_fmt_bytes(path.stat().st_size)}, {o.bits_per_weight:.2f} bpw)")
+                _wrote(path, split, f"{o.preset.name}, {{size}}, {o.bits_per_weight:.2f} bpw")
+        if card:
+            path = _write_card(model, hub, plans, written, split, outdir, force)
+            if not quiet:
+                click.echo(f"wrote {path} (model card)")
     finally:
         model.close()
+
+
+def _write_card(model, hub, plans, written, split, outdir: Path, force: bool) -> Path:
+    from gguf_moe.card import CardFile, render_card, source_license, write_card
+    from gguf_moe.metadata import load_recipe
+
+    files = [CardFile(o.preset.name, _files_of(p, split), o.bits_per_weight) for o, p in zip(plans, written)]
+    text = render_card(
+        name=model.name,
+        base_model=hub.repo_id if hub is not None else model.name,
+        base_is_repo=hub is not None,
+        recipe=load_recipe(model.path),
+        files=files,
+        license=source_license(model.path),
+    )
+    return write_card(outdir, text, force=force)
 
 
 # --------------------------------------------------------------------------- quantize
@@ -364,14 +465,20 @@ def convert(src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threa
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @_quant_options
 @_override_options
+@_publish_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, **ov):
-    """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does."""
+def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, split_max_size, split_max_tensors,
+             no_space_check, **ov):  # fmt: skip
+    """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does.  SRC may be a
+    split set (its first shard, or any shard)."""
     from gguf_moe import quantize as qz
     from gguf_moe.writer import check_output_free
 
-    opts = _make_options(imatrix, ov, force=force, backend=backend, threads=threads)
-    if not dry_run:
+    split = _split_spec(split_max_size, split_max_tensors)
+    opts = _make_options(
+        imatrix, ov, force=force, backend=backend, threads=threads, split=split, space_check=not no_space_check
+    )
+    if not dry_run and split is None:
         check_output_free(dst, force)
     plan = qz.plan_quantize(src, type_, None if dry_run else dst, opts)
     _warn([plan])
@@ -382,7 +489,7 @@ def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, 
         opts.progress = prog
         out = qz.write_quantize(plan, opts)
     if not quiet:
-        click.echo(f"wrote {out} ({type_.name}, {_fmt_bytes(out.stat().st_size)}, {plan.bits_per_weight:.2f} bpw)")
+        _wrote(out, split, f"{type_.name}, {{size}}, {plan.bits_per_weight:.2f} bpw")
 
 
 # --------------------------------------------------------------------------- demo
@@ -409,6 +516,7 @@ main.add_command(validate_cmd, "validate")
 main.add_command(inspect_cmd, "inspect")
 
 # ``imatrix`` and ``eval`` run the model in torch; defined in gguf_moe.quality_cli.
-from gguf_moe.quality_cli import imatrix_cmd  # noqa: E402
+from gguf_moe.quality_cli import eval_cmd, imatrix_cmd  # noqa: E402
 
 main.add_command(imatrix_cmd, "imatrix")
+main.add_command(eval_cmd, "eval")

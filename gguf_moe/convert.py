@@ -29,7 +29,9 @@ from gguf_moe.options import DEFAULT_CHUNK_BYTES, Options, Progress
 from gguf_moe.presets import Preset, allows_quantization, choose_types, converter_type, get_preset, n_dims
 from gguf_moe.presets import requires_imatrix as _llama_requires_imatrix
 from gguf_moe.source import SourceModel, SourceTensor, finite_rows, widen
-from gguf_moe.writer import StreamingGGUF, check_output_free
+from gguf_moe.space import check_space
+from gguf_moe.split import open_output
+from gguf_moe.writer import check_output_free
 
 __all__ = [
     "PlannedTensor",
@@ -285,6 +287,10 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
     llama-quantize uses them (per expert for ``*_exps``); plan with the same options so the
     per-tensor types match.
 
+    With ``split`` each output is a llama-gguf-split set and its first shard is returned.
+    With ``space_check`` the outputs' exact sizes are checked against the free disk space
+    before anything is written.
+
     On any error (or KeyboardInterrupt) the partial ``.part`` files are deleted and the
     exception propagates; outputs that already existed are untouched.
     """
@@ -295,19 +301,25 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
     for o in outputs:
         if o.path is None:
             raise GgufMoeError("internal error: an output has no path")
-        check_output_free(o.path, force)
+        if opts.split is None:  # (a split set's shard names are checked by its writer)
+            check_output_free(o.path, force)
         check_imatrix(o, imatrix)
     if len({o.path.resolve() for o in outputs}) != len(outputs):
         raise GgufMoeError("two outputs would have the same file name; give each -t once")
     tok = tokenizer_kvs(model, pre_tokenizer)
     writers = [
-        StreamingGGUF(
+        open_output(
             o.path,
             make_writer(model, o, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tok, imatrix=imatrix),
             force=force,
+            split=opts.split,
         )
         for o in outputs
     ]
+    for w in writers:
+        w.check_free()
+    if opts.space_check:
+        check_space(p for w in writers for p in w.planned())
     try:
         for w in writers:
             w.open()

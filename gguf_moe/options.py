@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from gguf_moe.imatrix import Imatrix
 from gguf_moe.presets import TypeOverrides
@@ -47,6 +48,10 @@ class Options:
     # convert only
     pre_tokenizer: str | None = None
     recipe: bool = True
+    #: write each output as a llama-gguf-split set (``split.SplitSpec``), or one file (None)
+    split: Any = None
+    #: stop before any work when the outputs do not fit on their disks (``space.check_space``)
+    space_check: bool = True
 
     @classmethod
     def of(cls, options: Options | None = None, **kw) -> Options:

@@ -36,7 +36,9 @@ from gguf_moe.convert import (
 from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
 from gguf_moe.options import Options
 from gguf_moe.presets import Preset, get_preset, llama_sort_key, n_dims
-from gguf_moe.writer import StreamingGGUF, check_output_free
+from gguf_moe.space import check_space
+from gguf_moe.split import open_output, read_gguf_set
+from gguf_moe.writer import check_output_free
 
 __all__ = ["QuantizePlan", "plan_quantize", "write_quantize", "requantize"]
 
@@ -50,6 +52,9 @@ class QuantizePlan(OutputPlan):
     arch: str = ""
     source_types: list[T] = field(default_factory=list)
     reader: gguf.GGUFReader | None = field(default=None, repr=False)
+    #: the input's tensors (of every shard of a split set), in its order
+    src_tensors: list = field(default_factory=list, repr=False)
+    readers: list = field(default_factory=list, repr=False)
 
 
 def _field_value(f: gguf.ReaderField):
@@ -81,8 +86,8 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
     opts = options or Options()
     pre = get_preset(preset)
     src = Path(src)
-    reader = _open(src)
-    fields = reader.fields
+    readers, fields, src_tensors = read_gguf_set(src, opener=_open)  # a file, or a split set
+    reader = readers[0]
     arch_f = fields.get(gguf.Keys.General.ARCHITECTURE)
     if arch_f is None:
         raise CorruptFile(f"{src}: no general.architecture key; not a model GGUF")
@@ -103,7 +108,7 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
     if n_head is not None and n_head_kv is None:
         n_head_kv = n_head  # llama.cpp's default when the key is absent
     infos = []
-    for rt in reader.tensors:
+    for rt in src_tensors:
         ne = [int(d) for d in rt.shape]
         shape = tuple(reversed(ne[: n_dims(tuple(reversed(ne)))]))
         infos.append((rt.name, shape, T(rt.tensor_type), rt))
@@ -123,6 +128,7 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
     return QuantizePlan(
         pre, None if dst is None else Path(dst), planned, warnings,
         src=src, arch=arch, source_types=[cur for _, _, cur, _ in infos], reader=reader,
+        src_tensors=src_tensors, readers=readers,
     )  # fmt: skip
 
 
@@ -154,13 +160,17 @@ def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> 
     opts = Options.of(options, **kw)
     if plan.path is None:
         raise GgufMoeError("internal error: the plan has no output path")
-    check_output_free(plan.path, opts.force)
+    if opts.split is None:
+        check_output_free(plan.path, opts.force)
     check_imatrix(plan, opts.imatrix)
     progress = opts.progress_or_null()
     src, imatrix = plan.src, opts.imatrix
-    by_name = {rt.name: rt for rt in plan.reader.tensors}
-    sw = StreamingGGUF(plan.path, _writer(plan, opts), force=opts.force)
-    mm = getattr(plan.reader.data, "_mmap", None)
+    by_name = {rt.name: rt for rt in (plan.src_tensors or plan.reader.tensors)}
+    sw = open_output(plan.path, _writer(plan, opts), force=opts.force, split=opts.split)
+    sw.check_free()
+    if opts.space_check:
+        check_space(sw.planned())
+    mms = [m for m in (getattr(r.data, "_mmap", None) for r in (plan.readers or [plan.reader])) if m is not None]
     try:
         sw.open()
         progress.start(sum(int(by_name[t.name].n_bytes) for t in plan.tensors), len(plan.tensors))
@@ -178,8 +188,9 @@ def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> 
                     progress.advance(min(step, raw.nbytes - o))
             else:
                 _requantize_tensor(sw, t, cur, raw, src, imatrix, opts, progress)
-            if mm is not None and hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED)
+            for mm in mms:
+                if hasattr(mm, "madvise"):
+                    mm.madvise(mmap.MADV_DONTNEED)
         out = sw.close()
         progress.finish()
         return out
@@ -219,5 +230,6 @@ def requantize(src: str | Path, dst: str | Path, preset: Preset | str, options: 
     """Plan and write in one call: ``llama-quantize SRC DST PRESET`` (``options`` or its
     fields as keywords)."""
     opts = Options.of(options, **kw)
-    check_output_free(Path(dst), opts.force)
+    if opts.split is None:
+        check_output_free(Path(dst), opts.force)
     return write_quantize(plan_quantize(src, preset, dst, opts), opts)

@@ -253,14 +253,18 @@ def _split_kvs(fields) -> tuple[int | None, int | None, int | None]:
     return get(KEY_NO), get(KEY_COUNT), get(KEY_TENSORS)
 
 
-def read_gguf_set(src: Path) -> tuple[list[gguf.GGUFReader], dict, list]:
+def read_gguf_set(src: Path, opener: Callable[[Path], gguf.GGUFReader] | None = None) -> tuple[list, dict, list]:
     """Open a GGUF file or a whole split set (given its first shard or any shard) with
-    gguf-py: (readers, the first file's fields, every tensor in order).  A missing,
-    truncated or foreign shard is a ``CorruptFile``."""
+    gguf-py (``opener``, default ``gguf.GGUFReader`` with one-line errors): (readers, the
+    first file's fields, every tensor in order).  A missing, truncated or foreign shard is
+    a ``CorruptFile``."""
+    _open = opener or _reader
     src = Path(src)
     paths = shard_paths_of(src)
     first = paths[0] if paths else src
-    readers = [_reader(first)]
+    if paths and not first.is_file():
+        raise CorruptFile(f"{first}: shard 1 of {len(paths)} is missing")
+    readers = [_open(first)]
     no, count, n_tensors = _split_kvs(readers[0].fields)
     if count is None or count == 0:  # a plain file (llama-gguf-split --merge leaves split.count = 0)
         if paths is not None and len(paths) > 1:
@@ -277,7 +281,7 @@ def read_gguf_set(src: Path) -> tuple[list[gguf.GGUFReader], dict, list]:
     for k, p in enumerate(expected[1:], start=1):
         if not p.is_file():
             raise CorruptFile(f"{p}: shard {k + 1} of {count} is missing")
-        r = _reader(p)
+        r = _open(p)
         kno, kcount, kt = _split_kvs(r.fields)
         if (kno, kcount, kt) != (k, count, n_tensors):
             raise CorruptFile(

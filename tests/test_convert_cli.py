@@ -57,7 +57,7 @@ def _reader(path: Path) -> gguf.GGUFReader:
 
 def test_outdir_names_and_nothing_else(converted):
     for d in converted.values():
-        assert sorted(p.name for p in d.iterdir()) == sorted(f"tiny-moe-{t}.gguf" for t in TYPES)
+        assert sorted(p.name for p in d.iterdir()) == sorted([f"tiny-moe-{t}.gguf" for t in TYPES] + ["README.md"])
 
 
 def test_fused_and_legacy_give_identical_files(converted):
