@@ -99,11 +99,34 @@ def run_hf_converter(src: Path, out: Path, outtype: str = "bf16", *, pre_tokeniz
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def llama_model_quantize(src: Path, dst: Path, ftype: int, *, imatrix: dict | None = None, nthread: int = 2) -> None:
-    """The real llama-quantize on a whole file (``ftype`` = llama_ftype number).
+#: ``GGML_TYPE_COUNT``, the "not set" value of the type fields of ``llama_model_quantize_params``.
+GGML_TYPE_COUNT = int(llama_cpp.llama_model_quantize_default_params().output_tensor_type)
+
+
+def llama_model_quantize(
+    src: Path,
+    dst: Path,
+    ftype: int,
+    *,
+    imatrix: dict | None = None,
+    nthread: int = 2,
+    tensor_types: list | tuple = (),
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    pure: bool = False,
+    leave_output_tensor: bool = False,
+    check: bool = True,
+) -> int:
+    """The real llama-quantize on a whole file (``ftype`` = llama_ftype number); returns
+    llama.cpp's status (0 ok), asserting it is 0 unless ``check=False``.
 
     ``imatrix``: {tensor name: float32 weights}, as llama-quantize passes them after loading
     an imatrix file; an empty dict still makes llama.cpp apply its "has imatrix" rules.
+    The other keywords are ``llama_model_quantize_params`` as llama-quantize's options set
+    them: ``tensor_types`` [(pattern, type name)] is ``--tensor-type`` (``tt_overrides``;
+    llama-quantize lower-cases the pattern before this point), ``output_tensor_type`` /
+    ``token_embedding_type`` type names, ``pure``, ``leave_output_tensor``
+    (``quantize_output_tensor = false``).
     """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -119,5 +142,23 @@ def llama_model_quantize(src: Path, dst: Path, ftype: int, *, imatrix: dict | No
             arr[i].size = w.size
         keep.append(arr)
         params.imatrix = arr
+    if tensor_types:
+        tt = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, tname) in enumerate(tensor_types):
+            keep.append(pattern.encode())
+            tt[i].pattern = keep[-1]
+            tt[i].type = int(GGMLQuantizationType[tname.upper()])
+        tt[len(tensor_types)].pattern = None
+        tt[len(tensor_types)].type = GGML_TYPE_COUNT
+        keep.append(tt)
+        params.tt_overrides = tt
+    if output_tensor_type is not None:
+        params.output_tensor_type = int(GGMLQuantizationType[output_tensor_type.upper()])
+    if token_embedding_type is not None:
+        params.token_embedding_type = int(GGMLQuantizationType[token_embedding_type.upper()])
+    params.pure = pure
+    params.quantize_output_tensor = not leave_output_tensor
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize({Path(src).name} -> ftype {ftype}) failed"
+    if check:
+        assert rc == 0, f"llama_model_quantize({Path(src).name} -> ftype {ftype}) failed"
+    return rc

@@ -18,7 +18,20 @@ from gguf import GGUFReader, GGUFWriter
 
 import quant
 from gguf_moe.errors import GgufMoeError
-from gguf_moe.presets import PRESETS, choose_types, get_preset, layer_of, llama_sort_key, n_dims, writable
+from gguf_moe.presets import (
+    PRESETS,
+    TypeOverrides,
+    allows_quantization,
+    choose_types,
+    get_preset,
+    layer_of,
+    llama_sort_key,
+    n_dims,
+    parse_ggml_type,
+    parse_tensor_type,
+    requires_imatrix,
+    writable,
+)
 from oracle import llama_model_quantize
 
 QUANT_PRESETS = [
@@ -397,3 +410,151 @@ def test_bad_layer_is_a_clear_error():
     tensors = llama_tensors(2, 4) + [("blk.7.ffn_down_exps.weight", (4, 2, 512))]
     with pytest.raises(GgufMoeError, match=r"blk\.7\.ffn_down_exps\.weight.*layer 7"):
         choose_types("Q4_K_M", tensors, n_expert=4, n_layer=2)
+
+
+# --------------------------------------------------------------------------- i-quants, Q2_K_S, MXFP4_MOE, TQ
+
+NEW_PRESETS = [
+    "Q2_K_S", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+    "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "TQ1_0", "TQ2_0",
+]  # fmt: skip
+
+
+def ones_imatrix(tensors) -> dict[str, np.ndarray]:
+    """Importance weights (all 1) for every tensor llama.cpp may quantize, so that the
+    presets that need an imatrix run; an imatrix changes types, not its values."""
+    out = {}
+    for n, shape in tensors:
+        if allows_quantization(n, shape):
+            n_mat = shape[0] if len(shape) == 3 else 1
+            out[n] = np.ones(n_mat * shape[-1], np.float32)
+    return out
+
+
+def llama_types(src: Path, dst: Path, preset: str, **kw) -> dict[str, T] | None:
+    """llama.cpp's types for ``preset`` (file order), or None when it refuses."""
+    if llama_model_quantize(src, dst, PRESETS[preset].file_type, nthread=1, check=False, **kw) != 0:
+        return None
+    return {t.name: T(t.tensor_type) for t in GGUFReader(str(dst)).tensors}
+
+
+def needing_imatrix(preset, tensors, types) -> list[str]:
+    return [n for n, s in tensors if allows_quantization(n, s) and requires_imatrix(n, types[n], preset)]
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "moe4_l32"])  # moe4_l28_tied covers 4 experts
+@pytest.mark.parametrize("preset", NEW_PRESETS)
+def test_new_presets_match_llama_quantize(f32_models, tmp_path, model, preset):
+    """With an imatrix (every preset runs) and without one (llama.cpp refuses exactly when
+    a tensor would get a type that needs one)."""
+    tensors, n_layer, n_expert, _ = MODELS[model]
+    got = llama_types(f32_models[model], tmp_path / "im.gguf", preset, imatrix=ones_imatrix(tensors))
+    ours = types_of(preset, tensors, n_expert=n_expert, n_layer=n_layer, has_imatrix=True)
+    assert got is not None and list(got) == sorted(got, key=llama_sort_key)
+    diff = {n: (ours[n].name, got[n].name) for n in got if ours[n] != got[n]}
+    assert not diff, f"{preset} {model} with imatrix: (ours, llama.cpp) differ: {dict(list(diff.items())[:8])}"
+
+    got = llama_types(f32_models[model], tmp_path / "plain.gguf", preset)
+    ours = types_of(preset, tensors, n_expert=n_expert, n_layer=n_layer)
+    needs = needing_imatrix(preset, tensors, ours)
+    assert (got is None) == bool(needs), f"llama.cpp {'refused' if got is None else 'accepted'}; we need one for {needs[:3]}"
+    if got is not None:
+        assert ours == got
+
+
+def test_new_presets_exercise_their_rules():
+    """Guard against a vacuous pass: the models above reach the branches these presets add."""
+    tensors, n_layer, n_expert, _ = MODELS["moe8_l32"]
+    seen = {p: set(types_of(p, tensors, n_expert=8, n_layer=32, has_imatrix=True).values()) for p in NEW_PRESETS}
+    assert {T.Q5_K, T.Q4_K, T.Q2_K, T.IQ2_XXS} <= seen["IQ2_XXS"]
+    assert {T.IQ3_S, T.Q5_K, T.Q8_0, T.IQ3_XXS} <= seen["IQ3_XS"]
+    assert seen["MXFP4_MOE"] == {T.MXFP4, T.Q8_0, T.F32}
+    t = types_of("IQ3_XXS", *MODELS["moe4_l32"][:1], n_expert=4, n_layer=32)
+    assert t["blk.0.ffn_down_exps.weight"] == T.Q4_K and t["blk.9.ffn_down_exps.weight"] == T.Q3_K
+    assert t["blk.0.attn_v.weight"] == T.IQ3_S and t["blk.0.attn_q.weight"] == T.IQ2_S
+    t = types_of("IQ4_XS", *MODELS["moe4_l32"][:1], n_expert=4, n_layer=32)
+    assert t["blk.3.ffn_down_exps.weight"] == T.Q5_K and t["blk.4.ffn_down_exps.weight"] == T.IQ4_XS
+    fb = types_of("IQ2_XS", *MODELS["fallback"][:1], n_expert=4, n_layer=8, has_imatrix=True)
+    assert fb["blk.0.ffn_up_exps.weight"] == T.IQ4_NL and fb["blk.0.ffn_down_exps.weight"] == T.F16
+
+
+@pytest.mark.parametrize("n_expert", [2, 8])
+@pytest.mark.parametrize("n_head,n_head_kv", [(8, 2), (8, 4)])
+def test_new_presets_gqa_rules_match_llama_quantize(tmp_path, n_expert, n_head, n_head_kv):
+    """attn_v of the i-quants: Q4_K when n_head / n_head_kv >= 4 or n_expert >= 4."""
+    tensors = llama_tensors(8, n_expert, q_rows=2 * n_head, kv_rows=2 * n_head_kv)
+    src = write_f32_gguf(tmp_path / "gqa.gguf", tensors, n_layer=8, n_expert=n_expert, n_head=n_head, n_head_kv=n_head_kv)
+    im = ones_imatrix(tensors)
+    for preset in NEW_PRESETS:
+        got = llama_types(src, tmp_path / f"{preset}.gguf", preset, imatrix=im)
+        assert types_of(preset, tensors, n_expert=n_expert, n_layer=8, has_imatrix=True) == got, preset
+
+
+def test_aliases_and_numbers():
+    assert get_preset("q4_k") is PRESETS["Q4_K_M"] and get_preset("Q5_K") is PRESETS["Q5_K_M"]
+    assert get_preset("Q3_K") is PRESETS["Q3_K_M"]
+    assert get_preset("15") is PRESETS["Q4_K_M"] and get_preset("7") is PRESETS["Q8_0"]
+    for name, p in PRESETS.items():
+        assert p.file_type == getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL_F32' if name == 'F32' else 'MOSTLY_' + name}")
+
+
+# --------------------------------------------------------------------------- overrides
+
+OVERRIDES = {
+    "tensor_type": dict(tensor_types=[("attn_v", "q8_0"), (r"blk\.[0-3]\.ffn_down", "q6_k"), ("ffn_down", "q5_k")]),
+    "tensor_type_fallback": dict(tensor_types=[("ffn_up", "q4_k"), ("attn_q", "iq4_nl"), ("attn_output", "bf16")]),
+    "output": dict(output_tensor_type="q8_0"),
+    "token_embd": dict(token_embedding_type="q4_k"),
+    "pure": dict(pure=True),
+    "leave_output": dict(leave_output_tensor=True),
+    "all": dict(
+        tensor_types=[("attn_k", "q5_k"), ("output", "q4_k")], output_tensor_type="q6_k", token_embedding_type="q8_0",
+        pure=True, leave_output_tensor=True,
+    ),  # fmt: skip
+    "pure_output": dict(pure=True, output_tensor_type="q5_0", tensor_types=[("ffn_gate", "q8_0")]),
+}
+
+
+def overrides_of(kw) -> TypeOverrides:
+    return TypeOverrides(
+        tensor_types=tuple((p, T[t.upper()]) for p, t in kw.get("tensor_types", ())),
+        output_tensor_type=T[kw["output_tensor_type"].upper()] if "output_tensor_type" in kw else None,
+        token_embedding_type=T[kw["token_embedding_type"].upper()] if "token_embedding_type" in kw else None,
+        pure=kw.get("pure", False),
+        leave_output_tensor=kw.get("leave_output_tensor", False),
+    )
+
+
+@pytest.mark.parametrize("model", ["moe8_l32", "moe4_l28_tied", "fallback", "dense_l24"])
+@pytest.mark.parametrize("case", list(OVERRIDES))
+def test_overrides_match_llama_quantize(f32_models, tmp_path, model, case):
+    tensors, n_layer, n_expert, _ = MODELS[model]
+    kw = OVERRIDES[case]
+    if model == "fallback" and "token_embedding_type" in kw:
+        return  # rows of 320: llama.cpp would abort on Q4_K (no fallback); see the test below
+    f32 = dict.fromkeys((n for n, _ in tensors), T.F32)
+    for preset in ("Q4_K_M", "Q2_K", "IQ4_XS", "Q8_0", "BF16"):
+        got = llama_types(f32_models[model], tmp_path / f"{preset}.gguf", preset, **kw)
+        ours = types_of(preset, tensors, n_expert=n_expert, n_layer=n_layer, overrides=overrides_of(kw), source_types=f32)
+        assert got is not None
+        diff = {n: (ours[n].name, got[n].name) for n in got if ours[n] != got[n]}
+        assert not diff, f"{preset} {model} {case}: (ours, llama.cpp) differ: {dict(list(diff.items())[:8])}"
+
+
+def test_override_without_fallback_is_refused():
+    """--token-embedding-type / --output-tensor-type are taken as given (no fallback): a type
+    whose blocks do not divide the rows is an error here (llama.cpp aborts)."""
+    tensors, n_layer, n_expert, _ = MODELS["fallback"]
+    with pytest.raises(GgufMoeError, match=r"token_embd\.weight: --token-embedding-type asks for Q4_K.*320"):
+        types_of("Q4_K_M", tensors, n_expert=4, n_layer=8, overrides=TypeOverrides(token_embedding_type=T.Q4_K))
+
+
+def test_override_parsing():
+    assert parse_tensor_type("ATTN_V=Q8_0") == ("attn_v", T.Q8_0)  # pattern lower-cased, as llama-quantize does
+    assert parse_tensor_type(r"blk\.1\.=iq4_xs") == (r"blk\.1\.", T.IQ4_XS)
+    assert parse_ggml_type("q6_K") == T.Q6_K and parse_ggml_type("BF16") == T.BF16
+    for bad, msg in [("attn_v", "malformed"), ("=q8_0", "missing tensor name"), ("attn_v=", "missing quantization type"),
+                     ("attn_v=q9_0", "invalid ggml type"), ("attn_v(=q8_0", "not a valid regular expression"),
+                     ("(?<=blk)x=q8_0", "does not accept")]:  # fmt: skip
+        with pytest.raises(GgufMoeError, match=msg):
+            parse_tensor_type(bad)
