@@ -737,6 +737,10 @@ _KERNELS = {
     "Q3_K": (256, 110, lambda k, x, qw: _q3_k(k, x, qw)),
 }
 
+from quant import _torch_iq4  # noqa: E402  (IQ4_NL, IQ4_XS, MXFP4)
+
+_KERNELS.update(_torch_iq4.KERNELS)
+
 NAMES = tuple(_KERNELS)
 
 
