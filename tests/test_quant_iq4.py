@@ -221,6 +221,33 @@ def test_edge_inputs_reach_the_corner_cases():
     assert (tmax < 1e-15).sum() > 100 and (tmax >= 1e-15).sum() > 100
 
 
+def test_floor_log2_table_matches_libm():
+    """MXFP4's ``floorf(log2f(amax))`` table agrees with the C library's ``log2f`` (what
+    ggml calls) on the 100 largest and 5 smallest floats of every binade, normal and
+    subnormal, where the rounding of log2 decides the floor."""
+    import ctypes.util
+
+    from quant._numpy_iq4 import floor_log2f
+
+    name = ctypes.util.find_library("m")
+    if name is None:
+        pytest.skip("no C math library found")
+    log2f = ctypes.CDLL(name).log2f
+    log2f.restype = ctypes.c_float
+    log2f.argtypes = [ctypes.c_float]
+    bits = []
+    for k in range(-149, 128):
+        hi = (1 << (k + 150)) if k < -127 else (k + 128) << 23
+        lo = (1 << (k + 149)) if k < -126 else (k + 127) << 23
+        bits += range(max(lo, hi - 100), hi)
+        bits += range(lo, min(hi, lo + 5))
+    f = np.array(sorted(set(bits)), np.uint32).view(np.float32)
+    c = np.array([np.floor(log2f(float(v))) for v in f])
+    ours = floor_log2f(f)
+    assert (ours == c).all(), f"{int((ours != c).sum())} of {f.size} differ, e.g. {f[ours != c][:5]}"
+    assert (ours > np.floor(np.log2(f.astype(np.float64)))).sum() > 1000  # the round-ups are there
+
+
 @pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_expert_imatrix(backend, qtype):
