@@ -337,7 +337,7 @@ def combine_headers(h: GGUFHeader, add: Callable[..., None]) -> tuple[GGUFHeader
     shards = [h]
     for k, p in enumerate(paths[1:], start=1):
         if not p.is_file():
-            add("error", "split", f"shard {k + 1} of {count} is missing: {p.name}", expected=str(p), found="missing")
+            add("error", "split", f"shard {k + 1} of {count} is missing: {p.name}")
             continue
         try:
             sh = read_header(p)
@@ -358,11 +358,11 @@ def combine_headers(h: GGUFHeader, add: Callable[..., None]) -> tuple[GGUFHeader
     seen: dict[str, str] = {}
     for sh in shards:
         for t in sh.tensors:
+            t.src = sh
             if t.name in seen:
                 add("error", "split", f"tensor is in {seen[t.name]} and in {sh.path.name}", t.name)
                 continue
             seen[t.name] = sh.path.name
-            t.src = sh
             tensors.append(t)
     if len(shards) == len(paths) and isinstance(n_tensors, int) and len(tensors) != n_tensors:
         add("error", "split", f"the set holds {len(tensors)} tensors, split.tensors.count says {n_tensors}",

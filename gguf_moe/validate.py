@@ -1025,7 +1025,7 @@ def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[
 
     path = Path(path)
     shards = shard_paths_of(path)
-    if shards and path.name != shards[0].name:  # a set is checked from its first shard
+    if shards:  # a set is checked from its first shard
         path = shards[0]
         if not path.is_file():
             rep = Report(str(path))
@@ -1050,7 +1050,8 @@ def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[
     if is_split_header(h):
         h, shards = combine_headers(h, rep.add)
         rep.summary.update(size=h.file_size, n_tensors=len(h.tensors), n_kv=len(h.kvs), shards=[str(s.path) for s in shards])
-        readable = [t for sh in shards for t in _check_tensor_infos(sh, rep)]
+        in_set = {id(t) for t in h.tensors}  # (a tensor also found in an earlier shard is not)
+        readable = [t for sh in shards for t in _check_tensor_infos(sh, rep) if id(t) in in_set]
     else:
         if not h.tensors:
             rep.add("warning", "tensors", "the file has no tensors")
