@@ -89,6 +89,8 @@ QTYPES: dict[str, QType] = {
         _qt("IQ4_NL", True),
         _qt("IQ4_XS", True),
         _qt("MXFP4", False),  # ggml ignores the imatrix for MXFP4
+        _qt("TQ1_0", False),  # ternary; ggml ignores the imatrix
+        _qt("TQ2_0", False),
         _qt("IQ1_S", True, requires_imatrix=True),
         _qt("IQ1_M", True),
     )

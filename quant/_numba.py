@@ -1395,6 +1395,10 @@ _SPECS = {
     "IQ4_NL": (32, 18),
     "IQ4_XS": (QK_K, 136),
     "MXFP4": (32, 17),
+    "IQ1_S": (QK_K, 50),
+    "IQ1_M": (QK_K, 56),
+    "TQ1_0": (QK_K, 54),
+    "TQ2_0": (QK_K, 66),
 }
 NAMES = tuple(_SPECS)
 
@@ -1438,6 +1442,14 @@ def _run(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np
         from ._numba_iq4 import run as _iq4
 
         _iq4(name, x, n, qw, use_qw, out)
+    elif name == "IQ1_S" or name == "IQ1_M":
+        from ._numba_iq1 import quantize as _iq1
+
+        _iq1(name, x, n, qw, use_qw, out)
+    elif name == "TQ1_0" or name == "TQ2_0":
+        from ._numba_tq import run as _tq
+
+        _tq(name, x, out)
     elif not use_qw:
         if name == "Q5_1" or name == "Q4_1":
             _ref_q41_q51(x, name == "Q5_1", out)

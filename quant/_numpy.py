@@ -806,6 +806,10 @@ from quant import _numpy_iq4  # noqa: E402  (IQ4_NL, IQ4_XS, MXFP4)
 
 _KERNELS.update(_numpy_iq4.KERNELS)
 
+from quant import _numpy_tq  # noqa: E402  (TQ1_0, TQ2_0)
+
+_KERNELS.update(_numpy_tq.KERNELS)
+
 from quant import _numpy_iq1  # noqa: E402  (IQ1_S, IQ1_M)
 
 _KERNELS.update(_numpy_iq1.KERNELS)
