@@ -1,0 +1,625 @@
+"""numba kernels for IQ1_S and IQ1_M, byte-identical to ggml's quantizers.
+
+Same algorithm as the numpy reference (``quant._numpy_iq1``, which describes the formats and
+the search): ``quantize_row_iq1_s_impl`` / ``quantize_row_iq1_m_impl`` with
+``iq1_find_best_neighbour2``, tables from ``quant._iqgrid.iq2_tables("IQ1_S")``.
+
+Layout follows ``quant._numba``: a tile of ``NL`` sub-blocks (32 values for IQ1_S, 16 for
+IQ1_M) is transposed into flat float32 buffers, value i of lane s at ``i*NL + s``, and the
+heavy steps are loops over the lanes that LLVM vectorizes, each lane doing exactly the
+float32 operations of its C sub-block in C order:
+
+* the sort: glibc's ``qsort`` is a stable merge sort here, so the sorted position of value
+  i is ``#{j < i: x_j <= x_i} + #{j > i: x_j < x_i}`` (-0.0 equals +0.0, as for the C
+  comparator), computed for all lanes with comparisons instead of a per-lane sort;
+* the prefix sums in sorted order and the exhaustive split search: every split (i1, i2)
+  and shift is scored for all lanes at once, the running best kept per lane with selects
+  (the strict ``sumqx^2 > best*sumq2`` test in the C candidate order);
+* the neighbour search of a group off the grid: the 8 x 3 possible error terms
+  ``w*diff*diff`` are computed once, then the errors of all neighbours (grid codes as 2-bit
+  fields) are sums of 8 table picks in C order, vectorized over the neighbour list; the
+  first strict minimum below FLT_MAX wins, as in C.
+
+Levels, grid lookups, refits and packing are scalar per lane; sigma2 and IQ1_M's
+super-block refit are sequential sums over the 256 values, as in C.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit
+
+from ._iqgrid import iq2_tables
+from ._numba import _JIT, _f16, _nint, _put16
+
+F32 = np.float32
+QK_K = 256
+NL = 64  # lanes (sub-blocks) per tile; a multiple of 16
+
+_Z = F32(0.0)
+_ONE = F32(1.0)
+_HALF = F32(0.5)
+_FLT_MAX = F32(3.4028234663852886e38)
+_EPS_S = F32(1e-12)  # GROUP_MAX_EPS_IQ1_S
+_EPS_M = F32(1e-7)  # GROUP_MAX_EPS_IQ1_M
+_P0 = F32(-0.875)  # -1 + IQ1S_DELTA
+_P1 = F32(0.125)
+_P2 = F32(1.125)
+_M0 = F32(-1.125)  # -1 - IQ1S_DELTA
+_M1 = F32(-0.125)
+_M2 = F32(0.875)
+# IQ1_M's split-score constants, computed in float32 as the C code does (all exact)
+_CP1 = _P0 * _P0 - _P1 * _P1
+_CP2 = _P1 * _P1 - _P2 * _P2
+_CM1 = _M0 * _M0 - _M1 * _M1
+_CM2 = _M1 * _M1 - _M2 * _M2
+_MASKS = (0x00, 0x80, 0x08, 0x88)
+
+
+@functools.cache
+def tables():
+    """``(glev int32 [2048*8] levels 0..2, kmap int32, nbr int32 lists, nbcode int32)``.
+
+    ``nbcode[p]`` is the 2-bit-field code of grid point ``nbr[p]`` for list entries."""
+    t = iq2_tables("IQ1_S")
+    glev = ((t.grid.astype(np.int32) - 1) // 2).reshape(-1, 8)
+    gcode = (glev << (2 * np.arange(8, dtype=np.int32))).sum(axis=1).astype(np.int32)
+    nbr = t.neighbours.astype(np.int32)
+    nbcode = gcode[nbr.clip(0, gcode.size - 1)]
+    return (
+        np.ascontiguousarray(glev.reshape(-1)),
+        np.ascontiguousarray(t.kmap, dtype=np.int32),
+        np.ascontiguousarray(nbr),
+        np.ascontiguousarray(nbcode, dtype=np.int32),
+    )
+
+
+@njit(inline="always", **_JIT)
+def _lev(v0, v1, v2, c):
+    return v0 if c == 0 else (v1 if c == 1 else v2)
+
+
+@njit(**_JIT)
+def _neighbour2(nbr, nbcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2):
+    """``iq1_find_best_neighbour2`` for the group ``xb[o + i*stride]`` (i < 8): grid index, or
+    -1 where no neighbour has an error below FLT_MAX (ggml then aborts)."""
+    for i in range(8):
+        xv = xb[o + i * stride]
+        wv = wb[o + i * stride]
+        diff = scale * q0 - xv
+        t[3 * i] = (wv * diff) * diff
+        diff = scale * q1 - xv
+        t[3 * i + 1] = (wv * diff) * diff
+        diff = scale * q2 - xv
+        t[3 * i + 2] = (wv * diff) * diff
+    cnt = nbr[start]
+    t00, t01, t02 = t[0], t[1], t[2]
+    t10, t11, t12 = t[3], t[4], t[5]
+    t20, t21, t22 = t[6], t[7], t[8]
+    t30, t31, t32 = t[9], t[10], t[11]
+    t40, t41, t42 = t[12], t[13], t[14]
+    t50, t51, t52 = t[15], t[16], t[17]
+    t60, t61, t62 = t[18], t[19], t[20]
+    t70, t71, t72 = t[21], t[22], t[23]
+    for j in range(cnt):
+        c = nbcode[start + 1 + j]
+        a = _Z + _lev(t00, t01, t02, c & 3)
+        a += _lev(t10, t11, t12, (c >> 2) & 3)
+        a += _lev(t20, t21, t22, (c >> 4) & 3)
+        a += _lev(t30, t31, t32, (c >> 6) & 3)
+        a += _lev(t40, t41, t42, (c >> 8) & 3)
+        a += _lev(t50, t51, t52, (c >> 10) & 3)
+        a += _lev(t60, t61, t62, (c >> 12) & 3)
+        a += _lev(t70, t71, t72, (c >> 14) & 3)
+        d2[j] = a
+    best = _FLT_MAX
+    gi = -1
+    for j in range(cnt):
+        if d2[j] < best:
+            best = d2[j]
+            gi = nbr[start + 1 + j]
+    return gi
+
+
+@njit(inline="always", **_JIT)
+def _ranks(X, R, bs):
+    """Stable sorted position of every value of every lane (``R[i*NL + s]``)."""
+    for k in range(bs * NL):
+        R[k] = 0
+    for i in range(1, bs):
+        for j in range(i):
+            for s in range(NL):
+                c = X[j * NL + s] <= X[i * NL + s]
+                R[i * NL + s] += np.int32(c)
+                R[j * NL + s] += np.int32(not c)
+
+
+@njit(**_JIT)
+def _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out):
+    """IQ1_S bytes of the flat rows ``x`` (whole rows of length ``n``) with quant weights ``qw``.
+
+    Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
+    (ggml aborts there): then ``out`` is incomplete."""
+    BS = 32
+    nsb = x.size // BS
+    X = np.empty(BS * NL, F32)
+    W = np.empty(BS * NL, F32)
+    R = np.empty(BS * NL, np.int32)
+    SWX = np.empty(BS * NL, F32)
+    SW1 = np.empty(BS * NL, F32)
+    SX = np.empty((BS + 1) * NL, F32)
+    SW = np.empty((BS + 1) * NL, F32)
+    amax = np.empty(NL, F32)
+    best = np.empty(NL, F32)
+    scl = np.empty(NL, F32)
+    b1 = np.empty(NL, np.int32)
+    b2 = np.empty(NL, np.int32)
+    shf = np.empty(NL, np.int32)
+    sig = np.empty(NL // 8, F32)
+    fscale = np.empty(NL, F32)
+    fshift = np.empty(NL, np.int32)
+    L = np.empty(BS, np.int32)
+    idx = np.empty(4, np.int32)
+    t = np.empty(24, F32)
+    d2 = np.empty(4096, F32)
+    for t0 in range(0, nsb, NL):
+        nl = min(NL, nsb - t0)
+        nsup = (nl + 7) // 8
+        base = t0 * BS
+        for s in range(NL):
+            if s < nl:
+                for i in range(BS):
+                    X[i * NL + s] = x[base + s * BS + i]
+            else:
+                for i in range(BS):
+                    X[i * NL + s] = _Z
+        for b in range(nsup):
+            acc = _Z
+            for e in range(QK_K):
+                v = x[base + b * QK_K + e]
+                acc += v * v
+            sig[b] = (F32(2.0) * acc) / F32(256.0)
+        for s in range(NL):
+            col = ((t0 + s) * BS) % n
+            sg = sig[s // 8] if s < nl else _Z
+            m = _Z
+            for i in range(BS):
+                v = X[i * NL + s]
+                W[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v) if s < nl else _Z
+                m = max(m, abs(v))
+            amax[s] = m
+        # stable sort positions, then prefix sums of w*x and w in sorted order
+        _ranks(X, R, BS)
+        for s in range(NL):
+            for i in range(BS):
+                r = R[i * NL + s]
+                SWX[r * NL + s] = W[i * NL + s] * X[i * NL + s]
+                SW1[r * NL + s] = W[i * NL + s]
+        for s in range(NL):
+            SX[s] = _Z
+            SW[s] = _Z
+        for j in range(BS):
+            for s in range(NL):
+                SX[(j + 1) * NL + s] = SX[j * NL + s] + SWX[j * NL + s]
+                SW[(j + 1) * NL + s] = SW[j * NL + s] + SW1[j * NL + s]
+        # exhaustive split search, all lanes at once
+        for s in range(NL):
+            best[s] = -_FLT_MAX
+            scl[s] = amax[s]
+            b1[s] = -1
+            b2[s] = -1
+            shf[s] = 0
+        for i1 in range(BS + 1):
+            for i2 in range(i1, BS + 1):
+                for s in range(NL):
+                    x0 = SX[s]
+                    xa = SX[i1 * NL + s]
+                    xb = SX[i2 * NL + s]
+                    xn = SX[BS * NL + s]
+                    w0 = SW[s]
+                    wa = SW[i1 * NL + s]
+                    wb = SW[i2 * NL + s]
+                    wn = SW[BS * NL + s]
+                    ax = xa - x0
+                    bx = xb - xa
+                    cx = xn - xb
+                    aw = wa - w0
+                    bw = wb - wa
+                    cw = wn - wb
+                    bs = best[s]
+                    sc = scl[s]
+                    k1 = b1[s]
+                    k2 = b2[s]
+                    sh = shf[s]
+                    sqx = (ax * _P0 + bx * _P1) + cx * _P2
+                    sq2 = ((aw * _P0) * _P0 + (bw * _P1) * _P1) + (cw * _P2) * _P2
+                    c = (sq2 > _Z) & (sqx * sqx > bs * sq2)
+                    r = sqx / sq2
+                    if c:
+                        sc = r
+                        bs = r * sqx
+                        k1 = i1
+                        k2 = i2
+                        sh = 1
+                    sqx = (ax * _M0 + bx * _M1) + cx * _M2
+                    sq2 = ((aw * _M0) * _M0 + (bw * _M1) * _M1) + (cw * _M2) * _M2
+                    c = (sq2 > _Z) & (sqx * sqx > bs * sq2)
+                    r = sqx / sq2
+                    if c:
+                        sc = r
+                        bs = r * sqx
+                        k1 = i1
+                        k2 = i2
+                        sh = -1
+                    best[s] = bs
+                    scl[s] = sc
+                    b1[s] = k1
+                    b2[s] = k2
+                    shf[s] = sh
+        # per lane: levels, grid points, refit, qs/qh
+        for s in range(nl):
+            g = t0 + s
+            ob = (g // 8) * 50
+            ib = g % 8
+            if amax[s] < _EPS_S or b1[s] < 0:
+                fscale[s] = _Z
+                fshift[s] = 1
+                for k in range(4):
+                    out[ob + 2 + 4 * ib + k] = 0
+                _put16(out, ob + 34 + 2 * ib, 0)
+                continue
+            scale = scl[s]
+            shift = shf[s]
+            neg = scale < _Z
+            for i in range(BS):
+                r = R[i * NL + s]
+                lv = np.int32(r >= b1[s]) + np.int32(r >= b2[s])
+                L[i] = 2 - lv if neg else lv
+            if neg:
+                scale = -scale
+                shift = -shift
+            q0, q1, q2 = (_P0, _P1, _P2) if shift == 1 else (_M0, _M1, _M2)
+            moved = False
+            for k in range(4):
+                u = 0
+                for j in range(8):
+                    u |= L[8 * k + j] << (2 * j)
+                gi = kmap[u]
+                if gi < 0:
+                    moved = True
+                    gi = _neighbour2(nbr, nbcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                    if gi < 0:
+                        return g
+                idx[k] = gi
+            if moved:
+                sumqx = _Z
+                sumq2 = _Z
+                for k in range(4):
+                    for j in range(8):
+                        lv = glev[8 * idx[k] + j]
+                        q = q0 if lv == 0 else (q1 if lv == 1 else q2)
+                        wq = W[(8 * k + j) * NL + s] * q
+                        sumqx += wq * X[(8 * k + j) * NL + s]
+                        sumq2 += wq * q
+                if sumqx > _Z and sumq2 > _Z:
+                    scale = sumqx / sumq2
+            h = 0
+            for k in range(4):
+                out[ob + 2 + 4 * ib + k] = idx[k] & 255
+                h |= (idx[k] >> 8) << (3 * k)
+            _put16(out, ob + 34 + 2 * ib, h)
+            fscale[s] = scale
+            fshift[s] = shift
+        # per super-block: d and the 3-bit scales
+        for b in range(nsup):
+            ob = ((t0 // 8) + b) * 50
+            mx = _Z
+            for ib in range(8):
+                mx = max(mx, fscale[8 * b + ib])
+            if mx == _Z:
+                _put16(out, ob, 0)
+                continue
+            d = mx / F32(15.0)
+            _put16(out, ob, _f16(d * F32(1.125)))
+            idv = _ONE / d
+            for ib in range(8):
+                l = _nint(_HALF * (idv * fscale[8 * b + ib] - _ONE))
+                l = max(0, min(7, l))
+                if fshift[8 * b + ib] == -1:
+                    l |= 8
+                o = ob + 34 + 2 * ib
+                out[o + 1] |= (l << 4) & 0xFF
+    return -1
+
+
+@njit(**_JIT)
+def _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out):
+    """IQ1_M bytes of the flat rows ``x`` (whole rows of length ``n`` when ``use_qw``; any
+    whole super-blocks otherwise).  Returns -1, or the index of a sub-block where ggml's
+    neighbour search finds no candidate (ggml aborts there): then ``out`` is incomplete."""
+    BS = 16
+    nsb = x.size // BS
+    X = np.empty(BS * NL, F32)
+    W = np.empty(BS * NL, F32)
+    R = np.empty(BS * NL, np.int32)
+    SWX = np.empty(BS * NL, F32)
+    SW1 = np.empty(BS * NL, F32)
+    SH = np.empty(BS * NL, np.bool_)
+    PX0 = np.empty((BS + 1) * NL, F32)
+    PX1 = np.empty((BS + 1) * NL, F32)
+    PW0 = np.empty((BS + 1) * NL, F32)
+    PW1 = np.empty((BS + 1) * NL, F32)
+    amax = np.empty(NL, F32)
+    best = np.empty(NL, F32)
+    scl = np.empty(NL, F32)
+    b1 = np.empty(NL, np.int32)
+    b2 = np.empty(NL, np.int32)
+    bk = np.empty(NL, np.int32)
+    sig = np.empty(NL // 16, F32)
+    fscale = np.empty(NL, F32)
+    fshift = np.empty(NL, np.int32)
+    fidx = np.empty(2 * NL, np.int32)
+    L = np.empty(BS, np.int32)
+    t = np.empty(24, F32)
+    d2 = np.empty(4096, F32)
+    for t0 in range(0, nsb, NL):
+        nl = min(NL, nsb - t0)
+        nsup = (nl + 15) // 16
+        base = t0 * BS
+        for s in range(NL):
+            if s < nl:
+                for i in range(BS):
+                    X[i * NL + s] = x[base + s * BS + i]
+            else:
+                for i in range(BS):
+                    X[i * NL + s] = _Z
+        if use_qw:
+            for b in range(nsup):
+                acc = _Z
+                for e in range(QK_K):
+                    v = x[base + b * QK_K + e]
+                    acc += v * v
+                sig[b] = (F32(2.0) * acc) / F32(256.0)
+        for s in range(NL):
+            m = _Z
+            if use_qw:
+                col = ((t0 + s) * BS) % n
+                sg = sig[s // 16] if s < nl else _Z
+                for i in range(BS):
+                    v = X[i * NL + s]
+                    W[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v) if s < nl else _Z
+                    m = max(m, abs(v))
+            else:
+                for i in range(BS):
+                    v = X[i * NL + s]
+                    W[i * NL + s] = v * v
+                    m = max(m, abs(v))
+            amax[s] = m
+        # stable sort positions; prefix sums of w*x and w per half of the sub-block
+        _ranks(X, R, BS)
+        for s in range(NL):
+            for i in range(BS):
+                r = R[i * NL + s]
+                SWX[r * NL + s] = W[i * NL + s] * X[i * NL + s]
+                SW1[r * NL + s] = W[i * NL + s]
+                SH[r * NL + s] = i >= BS // 2
+        for s in range(NL):
+            PX0[s] = _Z
+            PX1[s] = _Z
+            PW0[s] = _Z
+            PW1[s] = _Z
+        for j in range(BS):
+            for s in range(NL):
+                o = j * NL + s
+                h1 = SH[o]
+                a0 = PX0[o]
+                a1 = PX1[o]
+                c0 = PW0[o]
+                c1 = PW1[o]
+                PX0[o + NL] = a0 if h1 else a0 + SWX[o]
+                PX1[o + NL] = a1 + SWX[o] if h1 else a1
+                PW0[o + NL] = c0 if h1 else c0 + SW1[o]
+                PW1[o + NL] = c1 + SW1[o] if h1 else c1
+        for s in range(NL):
+            best[s] = -_FLT_MAX
+            scl[s] = amax[s]
+            b1[s] = -1
+            b2[s] = -1
+            bk[s] = -1
+        for i1 in range(BS + 1):
+            for i2 in range(i1, BS + 1):
+                for s in range(NL):
+                    tx0 = PX0[BS * NL + s]
+                    tx1 = PX1[BS * NL + s]
+                    tw0 = PW0[BS * NL + s]
+                    tw1 = PW1[BS * NL + s]
+                    sx = PX0[i1 * NL + s] + PX0[i2 * NL + s]
+                    qxp0 = tx0 * _P2 - sx
+                    qxm0 = tx0 * _M2 - sx
+                    wa = PW0[i1 * NL + s]
+                    wb = PW0[i2 * NL + s]
+                    q2p0 = ((tw0 * _P2) * _P2 + wa * _CP1) + wb * _CP2
+                    q2m0 = ((tw0 * _M2) * _M2 + wa * _CM1) + wb * _CM2
+                    sx = PX1[i1 * NL + s] + PX1[i2 * NL + s]
+                    qxp1 = tx1 * _P2 - sx
+                    qxm1 = tx1 * _M2 - sx
+                    wa = PW1[i1 * NL + s]
+                    wb = PW1[i2 * NL + s]
+                    q2p1 = ((tw1 * _P2) * _P2 + wa * _CP1) + wb * _CP2
+                    q2m1 = ((tw1 * _M2) * _M2 + wa * _CM1) + wb * _CM2
+                    bs = best[s]
+                    sc = scl[s]
+                    k1 = b1[s]
+                    k2 = b2[s]
+                    kk = bk[s]
+                    sqx = qxp0 + qxp1
+                    sq2 = q2p0 + q2p1
+                    c = (sq2 > _Z) & (sqx * sqx > bs * sq2)
+                    r = sqx / sq2
+                    if c:
+                        sc = r
+                        bs = r * sqx
+                        k1 = i1
+                        k2 = i2
+                        kk = 0
+                    sqx = qxp0 + qxm1
+                    sq2 = q2p0 + q2m1
+                    c = (sq2 > _Z) & (sqx * sqx > bs * sq2)
+                    r = sqx / sq2
+                    if c:
+                        sc = r
+                        bs = r * sqx
+                        k1 = i1
+                        k2 = i2
+                        kk = 1
+                    sqx = qxm0 + qxp1
+                    sq2 = q2m0 + q2p1
+                    c = (sq2 > _Z) & (sqx * sqx > bs * sq2)
+                    r = sqx / sq2
+                    if c:
+                        sc = r
+                        bs = r * sqx
+                        k1 = i1
+                        k2 = i2
+                        kk = 2
+                    sqx = qxm0 + qxm1
+                    sq2 = q2m0 + q2m1
+                    c = (sq2 > _Z) & (sqx * sqx > bs * sq2)
+                    r = sqx / sq2
+                    if c:
+                        sc = r
+                        bs = r * sqx
+                        k1 = i1
+                        k2 = i2
+                        kk = 3
+                    best[s] = bs
+                    scl[s] = sc
+                    b1[s] = k1
+                    b2[s] = k2
+                    bk[s] = kk
+        # per lane: levels, grid points, refit
+        for s in range(nl):
+            if amax[s] < _EPS_M or b1[s] < 0:
+                fscale[s] = _Z
+                fshift[s] = 0
+                fidx[2 * s] = 0
+                fidx[2 * s + 1] = 0
+                continue
+            scale = scl[s]
+            kk = bk[s]
+            neg = scale < _Z
+            for i in range(BS):
+                r = R[i * NL + s]
+                lv = np.int32(r >= b1[s]) + np.int32(r >= b2[s])
+                L[i] = 2 - lv if neg else lv
+            if neg:
+                scale = -scale
+                kk = 3 - kk
+            moved = False
+            for k in range(2):
+                neg_half = kk >= 2 if k == 0 else kk % 2 == 1
+                q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
+                u = 0
+                for j in range(8):
+                    u |= L[8 * k + j] << (2 * j)
+                gi = kmap[u]
+                if gi < 0:
+                    moved = True
+                    gi = _neighbour2(nbr, nbcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                    if gi < 0:
+                        return t0 + s
+                fidx[2 * s + k] = gi
+            if moved:
+                sumqx = _Z
+                sumq2 = _Z
+                for k in range(2):
+                    neg_half = kk >= 2 if k == 0 else kk % 2 == 1
+                    q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
+                    for j in range(8):
+                        lv = glev[8 * fidx[2 * s + k] + j]
+                        q = q0 if lv == 0 else (q1 if lv == 1 else q2)
+                        wq = W[(8 * k + j) * NL + s] * q
+                        sumqx += wq * X[(8 * k + j) * NL + s]
+                        sumq2 += wq * q
+                if sumqx > _Z and sumq2 > _Z:
+                    scale = sumqx / sumq2
+            fscale[s] = scale
+            fshift[s] = kk
+        # per super-block: qs, qh (+ shift bits), 3-bit scales, refitted fp16 scale
+        for b in range(nsup):
+            ob = ((t0 // 16) + b) * 56
+            mx = _Z
+            for ib in range(16):
+                mx = max(mx, fscale[16 * b + ib])
+            for ib in range(16):
+                s = 16 * b + ib
+                out[ob + 2 * ib] = fidx[2 * s] & 255
+                out[ob + 2 * ib + 1] = fidx[2 * s + 1] & 255
+                h = (fidx[2 * s] >> 8) | ((fidx[2 * s + 1] >> 8) << 4)
+                if mx != _Z:
+                    h |= _MASKS[fshift[s]]
+                out[ob + 32 + ib] = h
+            if mx == _Z:
+                for i in range(8):
+                    out[ob + 48 + i] = 0
+                continue
+            d = mx / F32(15.0)
+            idv = _ONE / d
+            sc0 = 0
+            sc1 = 0
+            sc2 = 0
+            sc3 = 0
+            sumqx = _Z
+            sumq2 = _Z
+            for ib in range(16):
+                s = 16 * b + ib
+                l = _nint(_HALF * (idv * fscale[s] - _ONE))
+                l = max(0, min(7, l))
+                v = l << (3 * (ib % 4))
+                if ib < 4:
+                    sc0 |= v
+                elif ib < 8:
+                    sc1 |= v
+                elif ib < 12:
+                    sc2 |= v
+                else:
+                    sc3 |= v
+                mult = F32(2 * l + 1)
+                kk = fshift[s]
+                for k in range(2):
+                    neg_half = kk >= 2 if k == 0 else kk % 2 == 1
+                    q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
+                    gi = fidx[2 * s + k]
+                    for j in range(8):
+                        lv = glev[8 * gi + j]
+                        q = (q0 if lv == 0 else (q1 if lv == 1 else q2)) * mult
+                        wq = W[(8 * k + j) * NL + s] * q
+                        sumqx += wq * X[(8 * k + j) * NL + s]
+                        sumq2 += wq * q
+            if sumq2 > _Z:
+                d = sumqx / sumq2
+            hs = _f16(d * F32(1.1125))
+            sc0 |= (hs & 0x000F) << 12
+            sc1 |= (hs & 0x00F0) << 8
+            sc2 |= (hs & 0x0F00) << 4
+            sc3 |= hs & 0xF000
+            _put16(out, ob + 48, sc0)
+            _put16(out, ob + 50, sc1)
+            _put16(out, ob + 52, sc2)
+            _put16(out, ob + 54, sc3)
+    return -1
+
+
+def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
+    """Hook for ``quant._numba._run``: IQ1_S / IQ1_M of the flat rows ``x`` into ``out``."""
+    glev, kmap, nbr, nbcode = tables()
+    if name == "IQ1_S":
+        if not use_qw:
+            raise ValueError("IQ1_S needs quant weights (ggml asserts)")
+        bad = _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out)
+    else:
+        bad = _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out)
+    if bad >= 0:
+        raise ArithmeticError(f"{name}: sub-block {bad} has no grid neighbour with a finite error (ggml aborts here)")
