@@ -741,6 +741,10 @@ from quant import _torch_iq4  # noqa: E402  (IQ4_NL, IQ4_XS, MXFP4)
 
 _KERNELS.update(_torch_iq4.KERNELS)
 
+from quant import _torch_tq  # noqa: E402  (TQ1_0, TQ2_0)
+
+_KERNELS.update(_torch_tq.KERNELS)
+
 NAMES = tuple(_KERNELS)
 
 
