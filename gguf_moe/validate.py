@@ -689,6 +689,7 @@ def _check_types(h: GGUFHeader, hp: dict | None, rep: Report) -> None:
         want = choose_types(
             preset, [(t.name, t.shape) for t in h.tensors], n_expert=hp["n_expert"], n_layer=hp["n_layer"],
             n_head=hp["attention.head_count"][0], n_head_kv=hp["attention.head_count_kv"][0],
+            has_imatrix=h.kv("quantize.imatrix.entries_count") is not None, require_writable=False,
         )
     except GgufMoeError:
         return
