@@ -24,7 +24,17 @@ from gguf_moe import __version__
 from gguf_moe.errors import GgufMoeError
 from gguf_moe.space import fmt_size
 
-__all__ = ["CardFile", "MARKER", "card_path", "check_card_free", "render_card", "write_card", "source_license"]
+__all__ = [
+    "CardFile",
+    "MARKER",
+    "card_path",
+    "check_card_free",
+    "render_card",
+    "write_card",
+    "source_license",
+    "load_eval",
+    "eval_figures",
+]
 
 MARKER = "<!-- model card written by gguf-moe: it rewrites this file; remove this line to keep your edits -->"
 
@@ -85,6 +95,46 @@ def _front_matter(path: Path) -> Any:
         return None
 
 
+def load_eval(path: Path) -> dict:
+    """``gguf-moe eval --json`` output: ``{"tokens", "source": {"ppl"}, "files": [{"file",
+    "type", "ppl", "kld_mean", "kld_p99", "top1", ...}]}``.  Raises GgufMoeError (one line)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GgufMoeError(f"{path}: not readable as `gguf-moe eval --json` output ({e})") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) and "file" in f for f in files):
+        raise GgufMoeError(f"{path}: expected the JSON object `gguf-moe eval --json` prints (with a 'files' list)")
+    return data
+
+
+def eval_figures(data: dict, f: CardFile) -> dict[str, Any]:
+    """The card's columns for ``f`` from eval output: matched by file name (the set's first
+    shard, or the file), else by type when only one evaluated file has it."""
+    names = {p.name for p in f.paths}
+    entries = data.get("files", [])
+    hit = [e for e in entries if Path(str(e["file"])).name in names]
+    if not hit:
+        same = [e for e in entries if str(e.get("type", "")).upper() == f.type.upper()]
+        hit = same if len(same) == 1 else []
+    if not hit:
+        return {}
+    e = hit[0]
+    out: dict[str, Any] = {}
+    src = (data.get("source") or {}).get("ppl")
+    if isinstance(e.get("ppl"), (int, float)):
+        out["PPL"] = float(e["ppl"])
+        if isinstance(src, (int, float)) and src > 0:
+            out["ΔPPL"] = f"{100 * (e['ppl'] / src - 1):+.2f}%"
+    if isinstance(e.get("kld_mean"), (int, float)):
+        out["KLD mean"] = f"{e['kld_mean']:.6f}"
+    if isinstance(e.get("top1"), (int, float)):
+        out["top-1"] = f"{100 * e['top1']:.2f}%"
+    return out
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -99,6 +149,7 @@ def render_card(
     recipe: dict | None,
     files: Sequence[CardFile],
     license: str | None = None,
+    evaluated_tokens: int | None = None,
 ) -> str:
     """The card's text.  ``base_model``: the source repo id (``base_is_repo``) or directory name."""
     tags = ["gguf", "moe"]
@@ -140,6 +191,9 @@ def render_card(
         row = [f"`{first}`", f.type, fmt_size(f.size), f"{f.bits_per_weight:.2f}", str(len(f.paths))]
         row += [_cell(f.figures[k]) if k in f.figures else "" for k in figures]
         out.append("| " + " | ".join(row) + " |")
+    if figures:
+        out += ["", "PPL, KLD (KL divergence from the source model's distribution per token) and top-1 agreement "
+                "from `gguf-moe eval`" + (f" on {evaluated_tokens} tokens." if evaluated_tokens else ".")]
     if any(len(f.paths) > 1 for f in files):
         out += ["", "Split files (`-00001-of-0000N.gguf`) are llama-gguf-split sets: give llama.cpp the first part "
                 "and it loads the others; `llama-gguf-split --merge FIRST.gguf OUT.gguf` joins them."]

@@ -247,6 +247,17 @@ def _split_size_callback(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _card_eval_callback(ctx, param, value):
+    if value is None:
+        return None
+    from gguf_moe.card import load_eval
+
+    try:
+        return load_eval(value)
+    except GgufMoeError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _publish_options(f):
     """``--split-max-size``, ``--split-max-tensors`` and ``--no-space-check``, shared by
     ``convert`` and ``quantize``."""
@@ -367,10 +378,14 @@ def _print_plan(title: str, plans, imatrix=None) -> None:
 @_publish_options
 @click.option("--recipe/--no-recipe", default=True, help="Store the mergekit-moe recipe (moe.* and general.base_model.* keys).")
 @click.option("--no-card", is_flag=True, help="With --outdir: do not write the model card <outdir>/README.md.")
+@click.option(
+    "--card-eval", metavar="FILE.json", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    callback=_card_eval_callback, help="`gguf-moe eval --json` output: the card's table shows its figures.",
+)  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
 def convert(
     src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet,
-    split_max_size, split_max_tensors, no_space_check, no_card, **ov,
+    split_max_size, split_max_tensors, no_space_check, no_card, card_eval, **ov,
 ):  # fmt: skip
     """Convert the Hugging Face model SRC to GGUF, one file per -t TYPE.
 
@@ -387,13 +402,15 @@ def convert(
     if output is None and outdir is None and not dry_run:
         raise click.UsageError("give -o OUT.gguf (one -t) or --outdir DIR")
     split = _split_spec(split_max_size, split_max_tensors)
+    if card_eval is not None and (outdir is None or no_card):
+        raise click.UsageError("--card-eval needs --outdir (and no --no-card): it fills the model card's table")
     with open_source(src_dir) as (model_dir, hub):
         _convert(model_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix,
-                 recipe, quiet, split, no_space_check, no_card, ov)  # fmt: skip
+                 recipe, quiet, split, no_space_check, no_card, card_eval, ov)  # fmt: skip
 
 
 def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe,
-             quiet, split, no_space_check, no_card, ov):  # fmt: skip
+             quiet, split, no_space_check, no_card, card_eval, ov):  # fmt: skip
     from gguf_moe import convert as conv
     from gguf_moe.source import open_model
 
@@ -431,18 +448,21 @@ def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force,
             for o, path in zip(plans, written):
                 _wrote(path, split, f"{o.preset.name}, {{size}}, {o.bits_per_weight:.2f} bpw")
         if card:
-            path = _write_card(model, hub, plans, written, split, outdir, force)
+            path = _write_card(model, hub, plans, written, split, outdir, force, card_eval)
             if not quiet:
                 click.echo(f"wrote {path} (model card)")
     finally:
         model.close()
 
 
-def _write_card(model, hub, plans, written, split, outdir: Path, force: bool) -> Path:
-    from gguf_moe.card import CardFile, render_card, source_license, write_card
+def _write_card(model, hub, plans, written, split, outdir: Path, force: bool, evaluation: dict | None) -> Path:
+    from gguf_moe.card import CardFile, eval_figures, render_card, source_license, write_card
     from gguf_moe.metadata import load_recipe
 
     files = [CardFile(o.preset.name, _files_of(p, split), o.bits_per_weight) for o, p in zip(plans, written)]
+    if evaluation is not None:
+        for f in files:
+            f.figures = eval_figures(evaluation, f)
     text = render_card(
         name=model.name,
         base_model=hub.repo_id if hub is not None else model.name,
@@ -450,6 +470,7 @@ def _write_card(model, hub, plans, written, split, outdir: Path, force: bool) ->
         recipe=load_recipe(model.path),
         files=files,
         license=source_license(model.path),
+        evaluated_tokens=(evaluation or {}).get("tokens"),
     )
     return write_card(outdir, text, force=force)
 

@@ -125,3 +125,50 @@ def test_inspect_keeps_keys_whole_at_80_columns(outdir):
     # long values are shortened, on one line
     tmpl = next(line for line in lines if "tokenizer.chat_template" in line)
     assert "…" in tmpl
+
+
+def _eval_json(model: Path, files: list[Path], tmp_path: Path) -> Path:
+    """Figures from the real ``gguf-moe eval --json`` when the command is there, else the
+    same JSON from its result type."""
+    import json
+
+    out = tmp_path / "eval.json"
+    if "eval" in main.commands:
+        from gguf_moe.synth import _training_text
+
+        text = tmp_path / "text.txt"
+        text.write_text(_training_text() * 3)
+        r = ok("eval", model, *files, "-f", text, "--ctx", "64", "--chunks", "2", "--json")
+        out.write_text(r.output)
+        return out
+    ev = pytest.importorskip("gguf_moe.evaluate")
+    res = ev.EvalResult(tokens=62, source_ppl=20.0)
+    for i, f in enumerate(files):
+        res.files.append(ev.FileScore(str(f), "Q4_K_M" if "Q4_K_M" in f.name else "Q8_0", f.stat().st_size, 4.9,
+                                      20.5 + i, 0.01 * (i + 1), 0.05, 0.97 - i / 100))  # fmt: skip
+    out.write_text(json.dumps(res.to_dict()))
+    return out
+
+
+def test_card_shows_eval_figures(model, tmp_path):
+    import json
+
+    first = tmp_path / "first"
+    ok("convert", model, "-t", "Q4_K_M", "-t", "Q8_0", "--outdir", first, "-q", "--no-card")
+    files = sorted(first.glob("*.gguf"))
+    ev = _eval_json(model, files, tmp_path)
+    data = json.loads(ev.read_text())
+    ok("convert", model, "-t", "Q4_K_M", "-t", "Q8_0", "--outdir", tmp_path / "out", "-q", "--card-eval", ev)
+    text = (tmp_path / "out" / "README.md").read_text()
+    rows = {r[1]: r for r in table(text, "File")}
+    header = next(line for line in text.splitlines() if line.startswith("| File |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for e in data["files"]:
+        row = dict(zip(cols, rows[e["type"]]))
+        assert row["PPL"] == f"{e['ppl']:.4g}" and row["KLD mean"] == f"{e['kld_mean']:.6f}"
+        assert row["top-1"] == f"{100 * e['top1']:.2f}%"
+    r = run("convert", model, "-t", "Q8_0", "-o", tmp_path / "x.gguf", "--card-eval", ev)
+    assert r.exit_code == 2 and "--outdir" in r.output
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    r = run("convert", model, "-t", "Q8_0", "--outdir", tmp_path / "o2", "--card-eval", tmp_path / "bad.json")
+    assert r.exit_code == 2 and "gguf-moe eval --json" in r.output
