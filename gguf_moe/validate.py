@@ -1219,7 +1219,9 @@ def _print_report(con, rep: Report, deep: bool) -> None:
               help="Hugging Face model directory the file was made from: compare every tensor with it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 def validate_cmd(files, deep, source, as_json):
-    """Check GGUF files: structure, metadata, MoE layout, numerics (exit status 1 on any error)."""
+    """Check GGUF files: structure, metadata, MoE layout, numerics (exit status 1 on any error).
+    A split set (given its first shard, or all its shards) is checked as one model, with its
+    shards: missing, truncated or foreign ones are errors."""
     from gguf_moe.split import first_shard
 
     reports = []
@@ -1252,7 +1254,8 @@ def validate_cmd(files, deep, source, as_json):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect_cmd(file, as_json):
-    """Show a GGUF file's metadata, tensors, type mix and bits per weight."""
+    """Show a GGUF file's metadata, tensors, type mix and bits per weight.  A split set
+    (given any of its shards) is shown whole, with a table of its shards."""
     try:
         info = inspect_file(file)
     except GgufMoeError as e:
