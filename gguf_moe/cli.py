@@ -302,6 +302,28 @@ def _wrote(path: Path, split, what: str) -> None:
     click.echo(f"wrote {path}{more} ({what.format(size=_fmt_bytes(size))})")
 
 
+def _print_split(plans, split, name: str) -> None:
+    """For a dry run with --split-max-*: the shards each output would be written as."""
+    if split is None:
+        return
+    from gguf_moe.convert import output_name
+    from gguf_moe.split import assign_shards, shard_path
+
+    for o in plans:
+        click.echo("")
+        try:
+            groups = assign_shards([t.nbytes for t in o.tensors], split, [t.name for t in o.tensors])
+        except GgufMoeError as e:
+            click.echo(f"warning: a real run stops here: {e}", err=True)
+            continue
+        path = o.path if o.path is not None else Path(output_name(name, o.preset))
+        click.echo(f"# {o.preset.name}: {len(groups)} files")
+        for k, g in enumerate(groups):
+            data = sum(-(-o.tensors[i].nbytes // 32) * 32 for i in g)
+            span = f"tensors {g[0] + 1}-{g[-1] + 1}"
+            click.echo(f"{shard_path(path, k, len(groups)).name}  {span:<16} {data:>14,} bytes of tensor data")
+
+
 def _make_options(imatrix, ov: dict, **kw):
     """The ``Options`` of a command from its parsed parameters (``ov``: the override options)."""
     from gguf_moe.options import Options
@@ -431,6 +453,7 @@ def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force,
         if dry_run:
             m = model
             _print_plan(f"model: {m.path} ({m.hf_arch}, {m.layout} layout, {len(m.tensors)} tensors)", plans, opts.imatrix)
+            _print_split(plans, split, model.name)
             return
         for o in plans:  # before any directory or file is made
             conv.check_imatrix(o, opts.imatrix)
@@ -505,6 +528,7 @@ def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, 
     _warn([plan])
     if dry_run:
         _print_plan(f"input: {src} ({plan.arch}, {len(plan.tensors)} tensors)", [plan], opts.imatrix)
+        _print_split([plan], split, Path(dst).stem)
         return
     with _progress(quiet, "quantize") as prog:
         opts.progress = prog

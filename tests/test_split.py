@@ -113,6 +113,13 @@ def test_shards_keep_to_the_limit(ours):
             assert counts[:-1] == [7] * (len(counts) - 1) and 0 < counts[-1] <= 7
 
 
+def test_dry_run_lists_the_shards(ours, model):
+    mode, d = ours
+    r = ok("convert", model, *[x for t in TYPES for x in ("-t", t)], "--dry-run", *SPLITS[mode])
+    listed = sorted(line.split()[0] for line in r.output.splitlines() if line.startswith("Split-MoE-4x-"))
+    assert listed == sorted(p.name for p in d.glob("*.gguf"))
+
+
 def test_merge_gives_the_single_file(ours, single, tmp_path):
     mode, d = ours
     for t in TYPES:
