@@ -245,10 +245,17 @@ def first_shard(path: Path) -> Path:
     return paths[0] if paths else Path(path)
 
 
+def _as_int(v) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def _split_kvs(fields) -> tuple[int | None, int | None, int | None]:
     def get(key):
         f = fields.get(key)
-        return None if f is None else int(f.contents())
+        return None if f is None else _as_int(f.contents())
 
     return get(KEY_NO), get(KEY_COUNT), get(KEY_TENSORS)
 
@@ -317,9 +324,9 @@ def combine_headers(h: GGUFHeader, add: Callable[..., None]) -> tuple[GGUFHeader
 
     from gguf_moe.validate import GGUFHeader, HeaderError, read_header
 
-    count = int(h.kv(KEY_COUNT, 0) or 0)
-    no = h.kv(KEY_NO)
-    n_tensors = h.kv(KEY_TENSORS)
+    count = _as_int(h.kv(KEY_COUNT)) or 0
+    no = _as_int(h.kv(KEY_NO))
+    n_tensors = _as_int(h.kv(KEY_TENSORS))
     for key, want in ((KEY_NO, "u16"), (KEY_COUNT, "u16"), (KEY_TENSORS, "i32")):
         kv = h.kvs.get(key)
         if kv is None:
@@ -344,7 +351,7 @@ def combine_headers(h: GGUFHeader, add: Callable[..., None]) -> tuple[GGUFHeader
         except (HeaderError, OSError) as e:
             add("error", "split", f"shard {k + 1} of {count} ({p.name}) cannot be read: {e}")
             continue
-        got = (sh.kv(KEY_NO), sh.kv(KEY_COUNT), sh.kv(KEY_TENSORS))
+        got = (_as_int(sh.kv(KEY_NO)), _as_int(sh.kv(KEY_COUNT)), _as_int(sh.kv(KEY_TENSORS)))
         if got != (k, count, n_tensors):
             add("error", "split", f"{p.name} does not belong to this set: split.no {got[0]}, split.count {got[1]}, "
                 f"split.tensors.count {got[2]}", expected=[k, count, n_tensors], found=list(got))
@@ -382,7 +389,8 @@ def set_size(paths: list[Path]) -> int:
 def is_split_header(h: GGUFHeader) -> bool:
     """A shard of a set of more than one file (``split.count`` > 1), or any file whose name
     says it is one."""
-    return int(h.kv(KEY_COUNT, 0) or 0) > 1 or (KEY_COUNT in h.kvs and shard_paths_of(h.path) is not None)
+    count = _as_int(h.kv(KEY_COUNT)) or 0
+    return count > 1 or (KEY_COUNT in h.kvs and shard_paths_of(h.path) is not None)
 
 
 def describe(paths: list[Path]) -> str:
