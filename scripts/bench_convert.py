@@ -16,8 +16,13 @@ It also checks that gguf-moe's BF16, Q8_0, Q4_K_M and Q5_K_M tensors are byte-id
 (tensor by tensor; the two tools write tensors in different orders).  Generated models and
 outputs are deleted at the end (``--keep`` keeps them).
 
+``--presets`` replaces the two-pass set (e.g. ``IQ4_XS,IQ3_M,Q4_K_M``: llama.cpp converts to
+BF16 and runs llama-quantize three times; gguf-moe writes the three files in one pass);
+``--multi-only`` runs just that comparison.
+
     .venv/bin/python scripts/bench_convert.py                # both sizes (needs ~15 GB disk)
     .venv/bin/python scripts/bench_convert.py --sizes 0.5B   # smaller run
+    .venv/bin/python scripts/bench_convert.py --sizes 1B --presets IQ4_XS,IQ3_M,Q4_K_M --multi-only
 """
 
 from __future__ import annotations
@@ -115,13 +120,19 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int, list[str]]:
 
 
 def main() -> None:
+    global TWO_PASS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.5B,1B", help=f"comma-separated, from {', '.join(SIZES)}")
     ap.add_argument("--tmpdir", default=None, help="where to put models and outputs (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     ap.add_argument("--skip-llama", action="store_true", help="only run gguf-moe")
+    ap.add_argument("--presets", default=",".join(TWO_PASS),
+                    help="presets of the two-pass comparison (default: %(default)s)")
+    ap.add_argument("--multi-only", action="store_true",
+                    help="only llama.cpp BF16 + llama-quantize per preset against one gguf-moe pass")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    TWO_PASS = tuple(p.strip().upper() for p in args.presets.split(",") if p.strip())
     if args.compare:
         print(json.dumps(same_tensors(Path(args.compare[0]), Path(args.compare[1]))))
         return
@@ -147,7 +158,7 @@ def main() -> None:
             out.mkdir()
             jobs = []
             if not args.skip_llama:
-                for t in ("bf16", "q8_0"):
+                for t in ("bf16",) if args.multi_only else ("bf16", "q8_0"):
                     jobs.append(("llama.cpp convert_hf_to_gguf.py", t.upper(),
                                  [PY, str(LLAMA_CONVERT), str(src), "--outtype", t, "--outfile", str(out / f"llama-{t}.gguf")]))
                 from gguf_moe.presets import PRESETS
@@ -156,7 +167,7 @@ def main() -> None:
                     jobs.append(("llama.cpp llama-quantize (BF16 in)", t,
                                  [PY, "-c", LLAMA_QUANTIZE, str(out / "llama-bf16.gguf"), str(out / f"llama-{t}.gguf"),
                                   str(PRESETS[t].file_type)]))
-            for ts in (["BF16"], ["Q8_0"], list(TWO_PASS), ["BF16", "Q8_0", "Q4_K_M"]):
+            for ts in [list(TWO_PASS)] if args.multi_only else (["BF16"], ["Q8_0"], list(TWO_PASS), ["BF16", "Q8_0", "Q4_K_M"]):
                 d = out / ("gm-" + "-".join(ts))
                 cmd = [PY, "-m", "gguf_moe", "convert", str(src), "--outdir", str(d)]
                 for t in ts:
@@ -167,7 +178,7 @@ def main() -> None:
                 rows.append((size, params, src_bytes, tool, outputs, wall, rss))
                 print(f"[{size}] {tool:32s} {outputs:22s} {wall:8.1f} s  peak RSS {rss / 2**20:8.0f} MiB", flush=True)
             if not args.skip_llama:
-                pairs = [("bf16", "gm-BF16", "*.gguf"), ("q8_0", "gm-Q8_0", "*.gguf")]
+                pairs = [] if args.multi_only else [("bf16", "gm-BF16", "*.gguf"), ("q8_0", "gm-Q8_0", "*.gguf")]
                 pairs += [(t, "gm-" + "-".join(TWO_PASS), f"*-{t}.gguf") for t in TWO_PASS]
                 for t, sub, pattern in pairs:
                     mine = next((out / sub).glob(pattern))
