@@ -33,54 +33,57 @@ _ONE = F32(1.0)
 _HALF = F32(0.5)
 _FLT_MAX = F32(3.4028234663852886e38)
 _EPS_XXS = F32(1e-8)  # GROUP_MAX_EPS_IQ3_XXS
+_QV = np.arange(1, 16, 2).astype(F32)  # grid coordinate of each level
 
 
 @functools.cache
 def tables(name: str):
-    """``(grid values float32 [G*4], levels int32 [G*4], kmap int32, neighbours int32)``."""
+    """``(cidx int8 [4*len(neighbours)], levels int32 [G*4], kmap int32, neighbours int32)``.
+
+    ``levels[4*g + i]`` is the level (0..7) of coordinate i of grid point g; for entry p of
+    the neighbour lists, ``cidx[4*p + i]`` is ``8*i + level`` of coordinate i of the point
+    ``neighbours[p]`` (0 for entries that hold a list length).
+    """
     t = iq3_tables(name)
-    g = t.grid.astype(np.int32).reshape(-1)
+    lev = (t.grid.astype(np.int32) - 1) // 2  # [G, 4]
+    nbr = t.neighbours.astype(np.int32)
+    is_len = np.zeros(nbr.size, bool)
+    is_len[-t.kmap[t.kmap < 0].astype(np.int64) - 1] = True
+    idx = lev[np.where(is_len, 0, nbr)] + 8 * np.arange(4)[None, :]  # [len, 4]
+    idx[is_len] = 0
     return (
-        np.ascontiguousarray(g.astype(F32)),
-        np.ascontiguousarray((g - 1) // 2),
+        np.ascontiguousarray(idx.reshape(-1), dtype=np.int8),
+        np.ascontiguousarray(lev.reshape(-1)),
         np.ascontiguousarray(t.kmap, dtype=np.int32),
-        np.ascontiguousarray(t.neighbours, dtype=np.int32),
+        nbr,
     )
 
 
 @njit(inline="always", **_JIT)
-def _neighbour(nbr, start, gridf, xval, waux, o, scale):
+def _neighbour(nbr, cidx, start, T, xval, waux, o, scale):
     """``iq3_find_best_neighbour``: list at ``nbr[start]``, group values ``xval[o + i*NL]``."""
+    for i in range(4):
+        xi = xval[o + i * NL]
+        wi = waux[o + i * NL]
+        for l in range(8):
+            diff = scale * _QV[l] - xi
+            T[8 * i + l] = (wi * diff) * diff
     cnt = nbr[start]
-    x0 = xval[o]
-    x1 = xval[o + NL]
-    x2 = xval[o + 2 * NL]
-    x3 = xval[o + 3 * NL]
-    w0 = waux[o]
-    w1 = waux[o + NL]
-    w2 = waux[o + 2 * NL]
-    w3 = waux[o + 3 * NL]
     best = _FLT_MAX
-    gi = -1  # no candidate below FLT_MAX: ggml asserts (huge or NaN distances)
-    for j in range(1, cnt + 1):
-        g = nbr[start + j]
-        p = 4 * g
-        diff = scale * gridf[p] - x0
-        d2 = (w0 * diff) * diff
-        diff = scale * gridf[p + 1] - x1
-        d2 += (w1 * diff) * diff
-        diff = scale * gridf[p + 2] - x2
-        d2 += (w2 * diff) * diff
-        diff = scale * gridf[p + 3] - x3
-        d2 += (w3 * diff) * diff
-        if d2 < best:
-            best = d2
-            gi = g
+    gi = -1
+    for p in range(start + 1, start + cnt + 1):
+        c = 4 * p
+        d2 = T[cidx[c]] + T[cidx[c + 1]]
+        d2 += T[cidx[c + 2]]
+        d2 += T[cidx[c + 3]]
+        upd = d2 < best
+        best = d2 if upd else best
+        gi = p if upd else gi
     return gi
 
 
 @njit(**_JIT)
-def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
+def _kiq3(x, n, qw, use_qw, xxs, cidx, glev, kmap, nbr, out):
     """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256).
 
     Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
@@ -111,6 +114,8 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
     live = np.zeros(NL, np.bool_)
     sig = np.empty(SB, F32)
     lsc = np.empty(8, np.int64)
+    T = np.empty(32, F32)
+    mlist = np.empty(8 * NL, np.int64)
     for t0 in range(0, nsb, SB):
         nb = min(SB, nsb - t0)
         nv = nb * 8
@@ -206,17 +211,22 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
                     p = 4 * k * NL + s
                     u = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
                     gidx[k * NL + s] = kmap[u]
-            for k in range(8):
-                for s in range(NL):
-                    g = gidx[k * NL + s]
-                    on_aux[k * NL + s] = g >= 0
-                    if g < 0 and live[s]:
-                        o = 4 * k * NL + s
-                        g = _neighbour(nbr, -g - 1, gridf, xval, waux, o, tsc[s])
-                        if g < 0:
-                            return t0 * 8 + s
-                        for i in range(4):
-                            La[o + i * NL] = glev[4 * g + i]
+            nm = 0  # off-grid groups, listed without branches
+            for e in range(8 * NL):
+                miss = gidx[e] < 0
+                on_aux[e] = not miss
+                mlist[nm] = e
+                nm += miss & live[e % NL]
+            for m in range(nm):
+                e = mlist[m]
+                s = e % NL
+                o = 4 * (e // NL) * NL + s
+                g = _neighbour(nbr, cidx, -gidx[e] - 1, T, xval, waux, o, tsc[s])
+                if g < 0:
+                    return t0 * 8 + s
+                g = nbr[g]
+                for i in range(4):
+                    La[o + i * NL] = glev[4 * g + i]
             for s in range(NL):
                 sqx[s] = _Z
                 sq2[s] = _Z
@@ -256,9 +266,10 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
                     u |= max(0, min(7, l)) << (3 * i)
                 g = kmap[u]
                 if g < 0:
-                    g = _neighbour(nbr, -g - 1, gridf, xval, waux, o, scale[s])
+                    g = _neighbour(nbr, cidx, -g - 1, T, xval, waux, o, scale[s])
                     if g < 0:
                         return t0 * 8 + s
+                    g = nbr[g]
                 for i in range(4):
                     L[o + i * NL] = glev[4 * g + i]
             a = _Z
@@ -341,8 +352,8 @@ def _kiq3(x, n, qw, use_qw, xxs, gridf, glev, kmap, nbr, out):
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ3_XXS / IQ3_S of the flat rows ``x`` into ``out``."""
-    gridf, glev, kmap, nbr = tables(name)
-    bad = _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", gridf, glev, kmap, nbr, out)
+    cidx, glev, kmap, nbr = tables(name)
+    bad = _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", cidx, glev, kmap, nbr, out)
     if bad >= 0:
         raise too_large(name, float(np.abs(x[bad * 32 : bad * 32 + 32]).max()))
 
