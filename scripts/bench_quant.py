@@ -35,6 +35,7 @@ import quant  # noqa: E402
 ALL_TYPES = [
     "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0",
+    "IQ3_XXS", "IQ3_S",
 ]
 
 
