@@ -63,7 +63,7 @@ def _inv_or_zero(k, d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, k.div(1.0, d), 0.0)
 
 
-def _weights(k, X, qw, rows, sigma2):
+def _weights(X, qw, rows, sigma2):
     if qw is None:
         return X * X
     return _t._qw_groups(qw, 32, rows) * _t._sqrt(sigma2 + X * X)
@@ -74,7 +74,7 @@ def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
     return (L[:16] | (L[16:] << 4)).t().to(torch.uint8)
 
 
-def _sigma2(k, blocks: torch.Tensor) -> torch.Tensor:
+def _sigma2(blocks: torch.Tensor) -> torch.Tensor:
     """``2*sum(x*x)/size`` per row of ``blocks`` [G, size] (sequential sum)."""
     s = _t._seqsum((blocks * blocks).t().contiguous())
     return s * (2.0 / blocks.shape[1])  # a power of two: exact on every device
@@ -84,8 +84,8 @@ def _iq4_nl(k, xr, qw):
     rows = xr.shape[0]
     T, V = _tables(xr.device)
     X = _t._groups(xr, 32)
-    sigma2 = None if qw is None else _sigma2(k, xr.reshape(-1, 32))
-    d = _block_scales(k, X, _weights(k, X, qw, rows, sigma2), T, V)
+    sigma2 = None if qw is None else _sigma2(xr.reshape(-1, 32))
+    d = _block_scales(k, X, _weights(X, qw, rows, sigma2), T, V)
     L = _best_index(_inv_or_zero(k, d) * X, T)
     db, _ = _t._fp16_bytes(d)
     return torch.cat([db, _pack_nibbles(L)], 1).reshape(rows, -1)
@@ -96,8 +96,8 @@ def _iq4_xs(k, xr, qw):
     T, V = _tables(xr.device)
     X = _t._groups(xr, 32)  # [32, nsb*8]
     nsb = X.shape[1] // 8
-    sigma2 = None if qw is None else _sigma2(k, xr.reshape(-1, 256)).repeat_interleave(8)
-    scales = _block_scales(k, X, _weights(k, X, qw, rows, sigma2), T, V).reshape(nsb, 8)
+    sigma2 = None if qw is None else _sigma2(xr.reshape(-1, 256)).repeat_interleave(8)
+    scales = _block_scales(k, X, _weights(X, qw, rows, sigma2), T, V).reshape(nsb, 8)
     _, max_scale = _t._first_absmax(scales.t(), 0, nan_safe=True)
     d = k.div(-max_scale, 32.0)
     ls = _t._nint(_inv_or_zero(k, d)[:, None] * scales).clamp_(-32, 31)  # [nsb, 8] float
