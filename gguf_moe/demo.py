@@ -104,7 +104,23 @@ def run_demo(outdir: str | Path, *, backend: str | None = None, quiet: bool = Fa
     if not console.is_terminal:
         console.width = max(console.width, 120)
     console.print(table)
+    _write_card(out, src, plans, err)
     bad = [Path(r["file"]).name for r in rows if not r["ok"]]
     if bad:
         raise GgufMoeError(f"validation failed for {', '.join(bad)}; run `gguf-moe validate --deep` on them for details")
     return rows
+
+
+def _write_card(out: Path, src: Path, plans, err) -> None:
+    """The model card ``convert --outdir`` would write, next to the demo's files."""
+    from gguf_moe.card import CardFile, render_card, write_card
+    from gguf_moe.metadata import load_recipe
+
+    files = [CardFile(p.preset.name, [p.path], p.bits_per_weight) for p in plans]
+    text = render_card(name=DEMO_MODEL, base_model=DEMO_MODEL, base_is_repo=False, recipe=load_recipe(src), files=files)
+    try:
+        path = write_card(out, text)
+    except GgufMoeError as e:  # a README.md of the user's own is kept
+        err.print(f"no model card: {e}")
+        return
+    err.print(f"model card for publishing: {path}")

@@ -303,3 +303,5 @@ def test_demo_command(tmp_path):
     assert r.stdout.count("ok: ") == 5 and "same bytes" in r.stdout
     rd = _reader(tmp_path / "demo" / "tiny-frankenmoe-Q5_K_M.gguf")
     assert rd.fields["general.file_type"].contents() == 17 and rd.fields["llama.expert_count"].contents() == 4
+    card = (tmp_path / "demo" / "README.md").read_text()  # the model card, as convert --outdir writes it
+    assert card.startswith("---\nbase_model: tiny-frankenmoe\n") and all(f"`{n}`" in card for n in names)
