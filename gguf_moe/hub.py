@@ -26,12 +26,13 @@ from gguf_moe.errors import GgufMoeError
 
 __all__ = ["HubSource", "HUB_PATTERNS", "parse_repo_id", "resolve_repo", "open_source"]
 
-#: what ``convert`` reads from a model repo (gguf-py's metadata also reads README.md and
-#: generation_config.json, so a repo gives the same GGUF as its local clone)
+#: what ``convert`` reads from a model repo besides the weights (gguf-py's metadata also
+#: reads README.md and generation_config.json, so a repo gives the same GGUF as its local
+#: clone); the weights are the shards the index lists, else ``model*.safetensors``
+#: (never e.g. a second ``consolidated.safetensors`` copy some repos carry)
 HUB_PATTERNS = [
     "config.json",
     "generation_config.json",
-    "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer.model",
@@ -100,14 +101,16 @@ def resolve_repo(repo_id: str, revision: str | None = None) -> HubSource:
     offline = _is_true(os.environ.get("HF_HUB_OFFLINE")) or bool(getattr(constants, "HF_HUB_OFFLINE", False))
     cache = _cache_dir()
     shown = f"{repo_id}@{revision}" if revision else repo_id
+
+    def fetch(rev: str | None, patterns: list[str]) -> Path:
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, revision=rev, allow_patterns=patterns, cache_dir=cache, local_files_only=offline,
+        ))  # fmt: skip
+
     try:
-        path = huggingface_hub.snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=HUB_PATTERNS,
-            cache_dir=cache,
-            local_files_only=offline,
-        )
+        path = fetch(revision, HUB_PATTERNS)
+        # the weights of that same commit (a branch may move between two calls)
+        path = fetch(path.name, _weight_patterns(path))
     except Exception as e:  # huggingface_hub's errors: not found, gated, offline, network
         where = cache or getattr(constants, "HF_HUB_CACHE", "the Hugging Face cache")
         kind = type(e).__name__
@@ -125,7 +128,21 @@ def resolve_repo(repo_id: str, revision: str | None = None) -> HubSource:
             first = str(e).strip().splitlines()[0] if str(e).strip() else kind
             why = f"cannot be fetched ({kind}: {first})"
         raise GgufMoeError(f"{shown}: {why}; give a local model directory or a repo id the Hub has") from None
-    return HubSource(repo_id, revision, Path(path))
+    return HubSource(repo_id, revision, path)
+
+
+def _weight_patterns(snapshot: Path) -> list[str]:
+    """The safetensors files conversion reads (``source.index_tensors``'s choice)."""
+    import json
+
+    try:
+        wm = json.loads((snapshot / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({v for v in wm.values() if isinstance(v, str) and "/" not in v})
+        if names:
+            return names
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index (or a broken one, which conversion reports)
+    return ["model.safetensors", "model*.safetensors"]
 
 
 def _view(src: HubSource) -> tuple[Path, Path]:

@@ -165,3 +165,20 @@ def test_parse_repo_id():
     assert parse_repo_id("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
     for bad in ("name", "org/name/extra", "/abs/path", "./org/name", "org/..", "org/name@", "a b/c"):
         assert parse_repo_id(bad) is None, bad
+
+
+def test_only_the_weights_conversion_reads_are_fetched(sources, tmp_path):
+    """The shards the index lists (what gguf_moe.source reads), not every *.safetensors."""
+    import json
+
+    from gguf_moe.hub import HUB_PATTERNS, _weight_patterns
+    from gguf_moe.source import index_tensors
+
+    src = sources[0]
+    wm = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert _weight_patterns(src) == sorted(set(wm.values()))
+    assert {t.shard.path.name for t in index_tensors(src).values()} == set(_weight_patterns(src))
+    single = make_model(tmp_path / "one", seed=1, shards=1)
+    assert not (single / "model.safetensors.index.json").exists()
+    assert _weight_patterns(single) == ["model.safetensors", "model*.safetensors"]
+    assert not any(p.endswith(".safetensors") for p in HUB_PATTERNS)
