@@ -193,7 +193,9 @@ def iq3_tables(name: str) -> Iq3Tables:
 
     off = np.flatnonzero(kmap < 0)  # points off the grid, increasing u
     pos = 2 * ((off[:, None] >> shifts) & 7) + 1  # [M, 4]
-    d2 = ((pos[:, None, :] - grid[None, :, :]) ** 2).sum(axis=2)  # [M, G], exact integers
+    d2 = np.zeros((off.size, gsize), dtype=np.int64)  # [M, G], exact integers
+    for k in range(4):
+        d2 += (pos[:, k, None] - grid[None, :, k]) ** 2
     thr = d2.min(axis=1)
     big = np.iinfo(np.int64).max
     for _ in range(nwant - 1):  # the nwant smallest distinct distances of each row
