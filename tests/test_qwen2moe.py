@@ -169,7 +169,7 @@ def test_bf16_equals_convert_hf_to_gguf(qwen, ref_bf16, tmp_path, layout):
         assert np.asarray(a[n].data).tobytes() == np.asarray(t.data).tobytes(), n
 
 
-@pytest.mark.parametrize("preset", ["Q4_K_M", "Q8_0"])
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q8_0", "IQ4_XS", "IQ3_M", "MXFP4_MOE"])
 def test_direct_quantization_equals_llama_quantize(qwen, ref_bf16, tmp_path, preset):
     theirs = tmp_path / "theirs.gguf"
     llama_quantize(ref_bf16, theirs, preset)
