@@ -212,6 +212,14 @@ def _tensor_type_file_callback(ctx, param, value):
 def _override_options(f):
     """llama-quantize's per-tensor type options, shared by ``convert`` and ``quantize``."""
     f = click.option(
+        "--exclude-weights", metavar="NAME", multiple=True,
+        help="Do not use the imatrix for tensors whose name contains NAME (repeatable).",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--include-weights", metavar="NAME", multiple=True,
+        help="Use the imatrix only for tensors whose name contains NAME (repeatable).",
+    )(f)  # fmt: skip
+    f = click.option(
         "--leave-output-tensor", is_flag=True, help="Leave output.weight un(re)quantized (as in the source)."
     )(f)
     f = click.option(
@@ -336,7 +344,14 @@ def _make_options(imatrix, ov: dict, **kw):
         pure=ov["pure"],
         leave_output_tensor=ov["leave_output_tensor"],
     )
-    return Options(imatrix=_load_imatrix(imatrix), overrides=overrides, **kw)
+    if ov["include_weights"] and ov["exclude_weights"]:
+        raise click.UsageError("--include-weights and --exclude-weights cannot be used together")
+    if (ov["include_weights"] or ov["exclude_weights"]) and imatrix is None:
+        raise click.UsageError("--include-weights/--exclude-weights select entries of --imatrix; give --imatrix FILE")
+    im = _load_imatrix(imatrix)
+    if im is not None:
+        im = im.select(ov["include_weights"], ov["exclude_weights"])
+    return Options(imatrix=im, overrides=overrides, **kw)
 
 
 def _warn(plans) -> None:

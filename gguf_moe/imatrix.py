@@ -58,6 +58,18 @@ class Imatrix:
             )
         return w.reshape(n_mat, ne0) if len(shape) == 3 else w
 
+    def select(self, include=(), exclude=()) -> Imatrix | None:
+        """llama-quantize's ``--include-weights`` / ``--exclude-weights``: drop the entries
+        whose name contains one of ``exclude``, then keep only those containing one of
+        ``include`` (if any given).  None when nothing is left: llama-quantize then runs as
+        without an imatrix (no ``quantize.imatrix.*`` keys, no "has imatrix" rules)."""
+        entries = {n: w for n, w in self.entries.items() if not any(x in n for x in exclude)}
+        if include:
+            entries = {n: w for n, w in entries.items() if any(x in n for x in include)}
+        if not entries:
+            return None
+        return Imatrix(self.path, entries, list(self.datasets), self.chunk_count, self.is_legacy)
+
     def kv_pairs(self) -> list[tuple[str, object]]:
         """The ``quantize.imatrix.*`` keys llama-quantize appends (strings cut to 127 bytes)."""
         out: list[tuple[str, object]] = [("quantize.imatrix.file", str(self.path)[:127])]

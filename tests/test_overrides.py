@@ -218,3 +218,28 @@ def test_type_without_fallback_that_does_not_fit(tmp_path):
         assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.output
         assert f"{opt} asks for Q4_K" in r.stderr and "320" in r.stderr
     assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("option,name", [("--exclude-weights", "ffn_down"), ("--include-weights", "attn_")])
+def test_include_exclude_weights(merges, tmp_path, option, name):
+    """llama-quantize drops (keeps) the imatrix entries whose name contains NAME before
+    quantizing; the file equals llama_model_quantize with that subset of the weights."""
+    from test_vs_llama_quantize_iq import imatrix_for
+
+    m = merges["fused4"]
+    im = tmp_path / "imatrix.gguf"
+    weights = imatrix_for(m["bf16"], im, seed=7)
+    keep = {n: w for n, w in weights.items() if (name in n) == (option == "--include-weights")}
+    assert 0 < len(keep) < len(weights)
+    ref = tmp_path / "ref.gguf"
+    llama_model_quantize(m["bf16"], ref, get_preset("IQ4_XS").file_type, imatrix=keep)
+    out = tmp_path / "q.gguf"
+    ok("quantize", m["bf16"], out, "IQ4_XS", "-q", "--imatrix", im, option, name)
+    compare(out, ref, extra_kvs="quantize.imatrix.")
+    assert read_header(out).kv("quantize.imatrix.entries_count") == len(keep)
+    full = tmp_path / "full.gguf"
+    ok("quantize", m["bf16"], full, "IQ4_XS", "-q", "--imatrix", im)
+    assert sha256(full) != sha256(out)
+    r = invoke("quantize", m["bf16"], tmp_path / "x.gguf", "IQ4_XS", "--imatrix", im, "--include-weights", "a",
+               "--exclude-weights", "b")  # fmt: skip
+    assert r.exit_code == 2 and "cannot be used together" in r.output
