@@ -7,7 +7,8 @@ On a mismatch the failure names the case and the number of differing blocks.
 
 Volume: ~9k super-blocks per type and imatrix setting for numba, every 7th row of each case
 for the (slower) numpy reference.  ``GGUF_MOE_QUANT_TEST_SCALE=4`` multiplies the row
-counts; ``GGUF_MOE_QUANT_TEST_FULL=1`` gives numpy every row.
+counts; ``GGUF_MOE_QUANT_TEST_FULL=1`` gives numpy every row;
+``GGUF_MOE_QUANT_TEST_SEED=n`` draws other weights and imatrices.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import weights
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
 SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
+SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
 FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 TYPES = ["IQ3_XXS", "IQ3_S"]
 BACKENDS = quant.available_backends()
@@ -57,14 +59,14 @@ def _skip_unless_implemented(backend: str, qtype: str) -> None:
 @functools.cache
 def _input(case: str) -> np.ndarray:
     rows, n = SHAPES[case]
-    x = weights.make(case, max(8, int(rows * SCALE)), n, seed=0)
+    x = weights.make(case, max(8, int(rows * SCALE)), n, seed=SEED)
     x.setflags(write=False)
     return x
 
 
 @functools.cache
 def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=11)
+    return weights.imatrix(n, seed=11 + SEED)
 
 
 @functools.cache
