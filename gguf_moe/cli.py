@@ -522,12 +522,16 @@ def _write_card(model, hub, plans, written, split, outdir: Path, force: bool, ev
 @click.argument("type_", metavar="TYPE", callback=_type_callback)
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, type, bytes; totals) and write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option(
+    "--allow-requantize", is_flag=True,
+    help="Quantize tensors that are already quantized (loses quality; as llama-quantize --allow-requantize).",
+)  # fmt: skip
 @_quant_options
 @_override_options
 @_publish_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, split_max_size, split_max_tensors,
-             no_space_check, **ov):  # fmt: skip
+def quantize(src, dst, type_, dry_run, force, allow_requantize, threads, backend, imatrix, quiet, split_max_size,
+             split_max_tensors, no_space_check, **ov):  # fmt: skip
     """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does.  SRC may be a
     split set (its first shard, or any shard)."""
     from gguf_moe import quantize as qz
@@ -535,8 +539,9 @@ def quantize(src, dst, type_, dry_run, force, threads, backend, imatrix, quiet, 
 
     split = _split_spec(split_max_size, split_max_tensors)
     opts = _make_options(
-        imatrix, ov, force=force, backend=backend, threads=threads, split=split, space_check=not no_space_check
-    )
+        imatrix, ov, force=force, backend=backend, threads=threads, split=split, space_check=not no_space_check,
+        allow_requantize=allow_requantize,
+    )  # fmt: skip
     if not dry_run and split is None:
         check_output_free(dst, force)
     plan = qz.plan_quantize(src, type_, None if dry_run else dst, opts)

@@ -48,6 +48,8 @@ class Options:
     # convert only
     pre_tokenizer: str | None = None
     recipe: bool = True
+    # quantize only: quantize tensors that are already quantized (llama-quantize --allow-requantize)
+    allow_requantize: bool = False
     #: write each output as a llama-gguf-split set (``split.SplitSpec``), or one file (None)
     split: Any = None
     #: stop before any work when the outputs do not fit on their disks (``space.check_space``)

@@ -121,10 +121,13 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
     )  # fmt: skip
     for pt, (name, _, cur, _) in zip(planned, infos):
         if pt.ggml_type != cur and cur not in _FLOAT:
-            raise GgufMoeError(
-                f"{src}: tensor {name} is already {cur.name}; requantizing quantized data loses quality and is not "
-                "supported, start from an F32/F16/BF16 file"
-            )
+            if not opts.allow_requantize:
+                raise GgufMoeError(
+                    f"{src}: tensor {name} is already {cur.name}; requantizing quantized data loses quality, start "
+                    "from an F32/F16/BF16 file (or pass --allow-requantize, as llama-quantize asks)"
+                )
+            if cur.name not in quant.QTYPES:
+                raise GgufMoeError(f"{src}: tensor {name} is {cur.name}, which this version of gguf-moe cannot read")
     return QuantizePlan(
         pre, None if dst is None else Path(dst), planned, warnings,
         src=src, arch=arch, source_types=[cur for _, _, cur, _ in infos], reader=reader,

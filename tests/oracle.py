@@ -115,6 +115,7 @@ def llama_model_quantize(
     token_embedding_type: str | None = None,
     pure: bool = False,
     leave_output_tensor: bool = False,
+    allow_requantize: bool = False,
     check: bool = True,
 ) -> int:
     """The real llama-quantize on a whole file (``ftype`` = llama_ftype number); returns
@@ -126,7 +127,7 @@ def llama_model_quantize(
     them: ``tensor_types`` [(pattern, type name)] is ``--tensor-type`` (``tt_overrides``;
     llama-quantize lower-cases the pattern before this point), ``output_tensor_type`` /
     ``token_embedding_type`` type names, ``pure``, ``leave_output_tensor``
-    (``quantize_output_tensor = false``).
+    (``quantize_output_tensor = false``), ``allow_requantize``.
     """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -158,6 +159,7 @@ def llama_model_quantize(
         params.token_embedding_type = int(GGMLQuantizationType[token_embedding_type.upper()])
     params.pure = pure
     params.quantize_output_tensor = not leave_output_tensor
+    params.allow_requantize = allow_requantize
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if check:
         assert rc == 0, f"llama_model_quantize({Path(src).name} -> ftype {ftype}) failed"

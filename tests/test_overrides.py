@@ -243,3 +243,22 @@ def test_include_exclude_weights(merges, tmp_path, option, name):
     r = invoke("quantize", m["bf16"], tmp_path / "x.gguf", "IQ4_XS", "--imatrix", im, "--include-weights", "a",
                "--exclude-weights", "b")  # fmt: skip
     assert r.exit_code == 2 and "cannot be used together" in r.output
+
+
+@pytest.mark.parametrize("first,then", [("Q8_0", "Q4_K_M"), ("Q4_K_M", "Q3_K_S"), ("IQ4_XS", "Q2_K")])
+def test_allow_requantize(merges, tmp_path, first, then):
+    """--allow-requantize: already quantized tensors are dequantized and quantized again, as
+    llama_model_quantize does with allow_requantize (without it: one error line)."""
+    if not usable(first, {}) or not usable(then, {}):
+        pytest.skip("quantizers missing")
+    m = merges["fused4"]
+    q = tmp_path / "first.gguf"
+    ok("quantize", m["bf16"], q, first, "-q")
+    ref = tmp_path / "ref.gguf"
+    llama_model_quantize(q, ref, get_preset(then).file_type, allow_requantize=True)
+    out = tmp_path / "out.gguf"
+    r = invoke("quantize", q, out, then, "-q")
+    assert r.exit_code == 1 and "--allow-requantize" in r.stderr and not out.exists()
+    ok("quantize", q, out, then, "-q", "--allow-requantize")
+    compare(out, ref)
+    assert sha256(out) == sha256(ref)
