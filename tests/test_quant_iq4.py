@@ -299,6 +299,25 @@ def test_threads_and_groups_do_not_change_bytes(qtype, monkeypatch):
         assert _describe(quant.quantize(x, qtype, imatrix=qw, backend="numba", threads=2), ref, x, qtype) is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_and_odd_shapes(backend):
+    """Single rows, one-block rows and widths that leave a partial tile of lanes."""
+    rng = np.random.default_rng(weights._seed("iq4-shapes", SEED))
+    failures = []
+    for qtype in TYPES:
+        if qtype not in quant._backend(backend)[0].NAMES:
+            continue
+        bs = quant.QTYPES[qtype].block_size
+        for n in (bs, 3 * bs, 2560):
+            for rows in (1, 3):
+                x = (rng.standard_t(4, size=(rows, n)) * 0.02).astype(np.float32)
+                for qw in (None, weights.imatrix(n, seed=9)):
+                    got = quant.quantize(x, qtype, imatrix=qw, backend=backend, threads=2)
+                    if _describe(got, _ggml(x, qtype, qw), x, qtype):
+                        failures.append(f"{qtype} {rows}x{n} imatrix={qw is not None}")
+    assert not failures, failures
+
+
 def _ggml_dequantize(data: np.ndarray, qtype: str, n: int) -> np.ndarray:
     """ggml's own ``to_float`` for ``qtype`` (``ggml_get_type_traits``)."""
     from llama_cpp._ggml import libggml
