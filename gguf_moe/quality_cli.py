@@ -104,3 +104,47 @@ def imatrix_cmd(src_dir, text_file, ctx, chunks, output, threads, device, proces
         f"wrote {output} ({len(res.entries)} entries, {res.chunk_count} chunks of {res.chunk_size} tokens, "
         f"{res.seconds:.1f} s)"
     )
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@click.command("eval")
+@click.argument("src_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@_text_options
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's).")
+@_device_option
+@click.option(
+    "--round-activations/--exact-activations",
+    default=True,
+    show_default=True,
+    help="Round each product's activations as llama.cpp's CPU backend does (Q8_0/Q8_K by weight type), "
+    "or keep them float32 (the ideal-arithmetic figure).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def eval_cmd(src_dir, files, text_file, ctx, chunks, threads, device, round_activations, as_json):
+    """Score GGUF FILES made from the Hugging Face model in SRC_DIR on the text -f TEXT, as
+    llama-perplexity --kl-divergence would: perplexity, KL divergence from the source
+    (mean, 99th percentile) and top-1 agreement, plus the source's own perplexity.  The
+    source and every file run layer by layer in torch (one layer per model in memory)."""
+    from gguf_moe.evaluate import evaluate
+
+    with _layer_progress(sys.stderr.isatty() and not as_json, "eval") as prog:
+        res = evaluate(src_dir, list(files), text_file, ctx=ctx, chunks=chunks, threads=threads, device=device,
+                       round_activations=round_activations, on_progress=prog)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{res.tokens} scored tokens, source perplexity {res.source_ppl:.4f}", title_justify="left")
+    for col in ("file", "type", "size", "bpw", "ppl", "Δppl", "KLD mean", "KLD p99", "top-1"):
+        t.add_column(col, justify="left" if col in ("file", "type") else "right")
+    for f in res.files:
+        t.add_row(
+            Path(f.file).name, f.type, f"{f.bytes / (1 << 20):.1f} MiB", f"{f.bpw:.2f}", f"{f.ppl:.4f}",
+            f"{100 * (f.ppl / res.source_ppl - 1):+.2f}%", f"{f.kld_mean:.6f}", f"{f.kld_p99:.6f}", f"{100 * f.top1:.2f}%",
+        )  # fmt: skip
+    Console().print(t)

@@ -247,9 +247,10 @@ def _round_q8_0(torch, x):
     shp = x.shape
     b = x.reshape(-1, 32)
     amax = b.abs().amax(dim=1, keepdim=True)
-    d = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(b * inv)
+    a64 = amax.double()  # float divisions done in double, rounded once: IEEE float results
+    d = (a64 / 127.0).float()
+    inv = torch.where(amax > 0, (127.0 / a64).float(), torch.zeros_like(amax))
+    q = torch.round(b * inv)  # ties to even, as _mm256_round_ps
     return (q * d.half().float()).reshape(shp)
 
 
@@ -259,9 +260,10 @@ def _round_q8_k(torch, x):
     idx = b.abs().argmax(dim=1, keepdim=True)
     mx = torch.gather(b, 1, idx)
     nz = mx != 0
-    iscale = torch.where(nz, -127.0 / torch.where(nz, mx, torch.ones_like(mx)), torch.zeros_like(mx))
+    one = torch.ones_like(mx)
+    iscale = torch.where(nz, (-127.0 / torch.where(nz, mx, one).double()).float(), torch.zeros_like(mx))
     q = torch.clamp(torch.round(b * iscale), max=127.0)
-    d = torch.where(nz, 1.0 / torch.where(nz, iscale, torch.ones_like(iscale)), torch.zeros_like(iscale))
+    d = torch.where(nz, (1.0 / torch.where(nz, iscale, one).double()).float(), torch.zeros_like(iscale))
     return (q * d).reshape(shp)
 
 
@@ -311,8 +313,10 @@ class Runner:
             if optional:
                 return None
             raise LayoutMismatch(f"{getattr(weights, 'path', weights)}: tensor {name} is missing")
-        arr = weights.get(name)
-        return (self.torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device), weights.ggml_type(name))
+        arr = np.ascontiguousarray(weights.get(name), dtype=np.float32)
+        if not arr.flags.writeable:  # a view of a memory-mapped F32 tensor
+            arr = arr.copy()
+        return (self.torch.from_numpy(arr).to(self.device), weights.ggml_type(name))
 
     def load_layer(self, weights, L: int) -> dict:
         s = self.spec
@@ -345,8 +349,18 @@ class Runner:
     # arithmetic ------------------------------------------------------------
 
     def _rms(self, x, w):
+        """ggml_rms_norm then the weight, in ggml's float operations: float squares summed
+        in double, the mean rounded to float, ``scale = 1/sqrtf(mean + eps)``, ``x*scale*w``.
+        Bit-equal normed values matter: with BF16 norm weights and quantized embeddings many
+        activations sit exactly on a rounding boundary of the next Q8_0/Q8_K step."""
         torch = self.torch
-        return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + self.spec.eps) * w
+        f32 = torch.float32
+        mean = (x * x).double().mean(dim=-1, keepdim=True).to(f32).double()
+        eps = float(np.float32(self.spec.eps))
+        # each float operation done in double and rounded once to float: exactly IEEE float
+        # arithmetic (torch's own float32 sqrt is not always correctly rounded)
+        scale = (1.0 / torch.sqrt((mean + eps).to(f32).double()).to(f32).double()).to(f32)
+        return (x * scale) * w
 
     def _mm(self, x, wt):
         """``x @ W.T`` with llama.cpp's rounding of ``x`` for W's type when asked."""

@@ -1,0 +1,207 @@
+"""``gguf-moe eval``: perplexity and KL divergence of GGUF files against their source model.
+
+The text is tokenized and chunked as ``llama-perplexity`` does (``gguf_moe.textinput``:
+chunks of ``ctx`` tokens, the first replaced by BOS); in every chunk the logits at
+positions ``ctx/2 .. ctx-2`` score the next token, ``ctx - 1 - ctx/2`` tokens per chunk.
+
+The source (safetensors, float32) and every GGUF (dequantized with ``quant.dequantize``)
+run through the same layer-by-layer model (``gguf_moe.runner``) in lockstep: layer ``L`` of
+each model is loaded, run on that model's hidden states and dropped before layer ``L+1``.
+Per file: perplexity, KL divergence from the source's distribution per scored token (mean
+and 99th percentile, interpolated as llama-perplexity does), and how often both pick the
+same top token.
+
+By default each GGUF's matrix products round their activations the way llama.cpp's CPU
+backend does (Q8_0 / Q8_K by weight type, ``runner.Runner(round_activations=True)``); a
+plain float run of the dequantized weights underestimates the loss of Q8_0-class files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import MODEL_TENSOR as T
+
+from gguf_moe.calibrate import ACTIVATION_BUDGET, set_threads
+from gguf_moe.errors import LayoutMismatch
+from gguf_moe.runner import GGUFWeights, ModelSpec, Runner, SourceWeights, import_torch, pick_device, tensor_name
+from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
+
+__all__ = ["FileScore", "EvalResult", "evaluate", "check_matches_source"]
+
+
+@dataclass
+class FileScore:
+    file: str
+    type: str
+    bytes: int
+    bpw: float
+    ppl: float
+    kld_mean: float
+    kld_p99: float
+    top1: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    source_ppl: float
+    files: list[FileScore] = field(default_factory=list)
+    seconds: float = 0.0
+    kld: np.ndarray | None = field(default=None, repr=False)  # [file, scored token]
+    nll: np.ndarray | None = field(default=None, repr=False)  # [source + files, scored token]
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "source": {"ppl": self.source_ppl}, "files": [f.to_dict() for f in self.files]}
+
+
+def _file_type_name(w: GGUFWeights) -> str:
+    import gguf
+
+    f = w.reader.fields.get("general.file_type")
+    if f is None:
+        return "unknown"
+    ft = int(f.contents())
+    try:
+        from gguf_moe.presets import _lookup
+
+        return _lookup(str(ft)).name
+    except Exception:
+        try:
+            return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            return str(ft)
+
+
+def _bpw(w: GGUFWeights) -> float:
+    nb = sum(int(t.n_bytes) for t in w.reader.tensors)
+    ne = sum(int(t.n_elements) for t in w.reader.tensors)
+    return 8.0 * nb / ne if ne else 0.0
+
+
+def check_matches_source(w: GGUFWeights, src: SourceWeights, model) -> None:
+    """Every tensor the forward pass reads exists in the GGUF with the source's shape."""
+    f = w.reader.fields.get("general.architecture")
+    arch = f.contents() if f is not None else None
+    if arch != model.arch:
+        raise LayoutMismatch(f"{w.path}: architecture {arch!r}, but the source {model.path} is {model.arch!r}; not a GGUF of this model")
+    for t in model.tensors:
+        if t.name == tensor_name(T.OUTPUT) and not w.has(t.name):
+            continue  # a GGUF may tie the output to the embedding
+        if not w.has(t.name):
+            raise LayoutMismatch(f"{w.path}: has no tensor {t.name}, which the source has; not a GGUF of {model.path}")
+        if w.shape(t.name) != tuple(t.shape):
+            raise LayoutMismatch(
+                f"{w.path}: tensor {t.name} has shape {list(w.shape(t.name))}, the source's is {list(t.shape)}; "
+                f"not a GGUF of {model.path}"
+            )
+
+
+def evaluate(
+    src_dir: str | Path,
+    files: list[str | Path],
+    text_file: str | Path,
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    round_activations: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    from gguf_moe.source import open_model
+
+    torch = import_torch()
+    dev = pick_device(device)
+    set_threads(threads)
+    t0 = time.perf_counter()
+    model = open_model(src_dir)
+    try:
+        spec = ModelSpec.from_source(model)
+        src_w = SourceWeights(model)
+        ggufs = [GGUFWeights(f) for f in files]
+        for g in ggufs:
+            check_matches_source(g, src_w, model)
+        tok = load_tokenizer(model)
+        ids = tok.encode(read_text(text_file))
+        batches = make_chunks(ids, ctx, chunks, tok.bos_id, tok.add_bos, str(text_file))
+        weights = [src_w, *ggufs]
+        runners = [Runner(spec, device=dev)] + [Runner(spec, device=dev, round_activations=round_activations) for _ in ggufs]
+        n_models = len(weights)
+        per = max(1, ACTIVATION_BUDGET // max(1, n_models * ctx * spec.n_embd * 4))
+        groups = [range(i, min(len(batches), i + per)) for i in range(0, len(batches), per)]
+        first = ctx // 2
+        n_score = ctx - 1 - first
+        nll = np.zeros((n_models, len(batches) * n_score), dtype=np.float64)
+        kld = np.zeros((len(ggufs), len(batches) * n_score), dtype=np.float64)
+        same = np.zeros((len(ggufs), len(batches) * n_score), dtype=bool)
+        total = len(groups) * n_models * (spec.n_layer + 1)
+        done = 0
+
+        def step():
+            nonlocal done
+            done += 1
+            if on_progress is not None:
+                on_progress(done, total)
+
+        with torch.no_grad():
+            for g in groups:
+                sub = batches[g.start : g.stop]
+                target = torch.from_numpy(sub[:, first + 1 :]).to(dev)
+                hs = [r.embed(w, sub) for r, w in zip(runners, weights)]
+                rope = runners[0].rope_tables(src_w, ctx)
+                for L in range(spec.n_layer):
+                    for m, (r, w) in enumerate(zip(runners, weights)):
+                        lw = r.load_layer(w, L)
+                        r.layer(lw, hs[m], L, rope)
+                        del lw
+                        step()
+                # scores, a few chunks at a time: only the source's log-probs are kept beside each file's
+                heads = []
+                for r, w in zip(runners, weights):
+                    heads.append(r.load_head(w))
+                    step()
+                for i in range(0, len(sub), 2):
+                    tgt = target[i : i + 2]
+                    lp = []
+                    for m, (r, head) in enumerate(zip(runners, heads)):
+                        x = r.head_input(head, hs[m][i : i + 2, first : ctx - 1])
+                        lp.append(torch.log_softmax(r.logits(head, x).double(), dim=-1))
+                    base = lp[0]
+                    o = (g.start + i) * n_score
+                    n = tgt.numel()
+                    for m in range(n_models):
+                        nll[m, o : o + n] = (-lp[m].gather(-1, tgt[..., None])[..., 0]).reshape(-1).cpu().numpy()
+                    p_base = base.exp()
+                    top_base = base.argmax(-1)
+                    for k in range(len(ggufs)):
+                        q = lp[k + 1]
+                        kld[k, o : o + n] = (p_base * (base - q)).sum(-1).reshape(-1).cpu().numpy()
+                        same[k, o : o + n] = (q.argmax(-1) == top_base).reshape(-1).cpu().numpy()
+                    del lp, base, p_base
+                del hs, heads
+        result = EvalResult(tokens=int(nll.shape[1]), source_ppl=float(np.exp(nll[0].mean())), kld=kld, nll=nll)
+        for k, (f, g) in enumerate(zip(files, ggufs)):
+            result.files.append(
+                FileScore(
+                    file=str(f),
+                    type=_file_type_name(g),
+                    bytes=Path(f).stat().st_size,
+                    bpw=round(_bpw(g), 4),
+                    ppl=float(np.exp(nll[k + 1].mean())),
+                    kld_mean=float(kld[k].mean()),
+                    kld_p99=float(np.percentile(kld[k], 99.0)),
+                    top1=float(same[k].mean()),
+                )
+            )
+        result.seconds = time.perf_counter() - t0
+        return result
+    finally:
+        model.close()
