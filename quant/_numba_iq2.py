@@ -21,8 +21,10 @@ import functools
 import numpy as np
 from numba import njit
 
+from . import QuantError
 from ._iqgrid import IQ2_KMAP_SIZE, iq2_tables
 from ._numba import _JIT, _f16, _nint, _put16, _qp
+from ._numpy_iq2 import ABORT_MESSAGE
 
 F32 = np.float32
 QK_K = 256
@@ -36,6 +38,9 @@ _FLT_MAX = F32(3.4028234663852886e38)
 _EPS = F32(1e-15)  # GROUP_MAX_EPS
 _EPS_S = F32(1e-8)  # GROUP_MAX_EPS_IQ2_S
 _MAXCNT = 512  # longer than any neighbour list (IQ2_XS: 292)
+#: raised where ggml aborts (GGML_ASSERT(grid_index >= 0), "point not on grid"): only for
+#: values whose float32 sums overflow, turned into a QuantError by ``quantize``
+_ABORT = "iq2: ggml aborts on this block"
 
 
 @functools.cache
@@ -119,7 +124,7 @@ def _neighbour(start, cnt, nbi, nbq, xv, wa, o, scale, d2):
             best = d2[j]
             bj = j
     if bj < 0:
-        raise AssertionError("iq2 neighbour search found no finite distance (ggml aborts here)")
+        raise ValueError(_ABORT)
     return nbi[start + bj]
 
 
@@ -164,7 +169,7 @@ def _grid_of(L, k8, kmap):
         u |= L[k8 + i] << (2 * i)
     gi = kmap[u]
     if gi < 0:
-        raise AssertionError("iq2: quant point off the grid (ggml aborts here)")
+        raise ValueError(_ABORT)
     return gi
 
 
@@ -402,12 +407,15 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbq, out):
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ2_XXS / IQ2_XS / IQ2_S of the flat rows ``x`` into ``out``."""
+    if name != "IQ2_S" and not use_qw:
+        raise ValueError(f"{name} needs quant weights")
     glev, kmap, start, count, nbi, nbq = tables(name)
-    if name == "IQ2_XXS":
-        if not use_qw:
-            raise ValueError("IQ2_XXS needs quant weights")
-        _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out)
-    else:
-        if name == "IQ2_XS" and not use_qw:
-            raise ValueError("IQ2_XS needs quant weights")
-        _kxs_s(x, n, qw, use_qw, name == "IQ2_S", glev, kmap, start, count, nbi, nbq, out)
+    try:
+        if name == "IQ2_XXS":
+            _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out)
+        else:
+            _kxs_s(x, n, qw, use_qw, name == "IQ2_S", glev, kmap, start, count, nbi, nbq, out)
+    except ValueError as e:
+        if str(e) != _ABORT:
+            raise
+        raise QuantError(ABORT_MESSAGE.format(name=name)) from None

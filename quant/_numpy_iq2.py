@@ -23,15 +23,43 @@ Common scheme (one super-block of 256 values, sub-blocks of 32 (XXS) or 16 (XS, 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from quant import _numpy as _ref
+from quant import QuantError
 from quant._iqgrid import iq2_tables
 
 F32 = np.float32
 QK_K = 256
 _FLT_MAX = np.finfo(F32).max
 _SHIFT8 = (2 * np.arange(8)).reshape(8, 1)
+
+#: ggml aborts (``GGML_ASSERT(grid_index >= 0)`` in iq2_find_best_neighbour, or "point not
+#: on grid") when every candidate distance of a neighbour search overflows float32, which
+#: takes values of magnitude ~1e13 and more.  We refuse exactly those blocks.
+ABORT_MESSAGE = (
+    "{name}: values too large for ggml's {name} quantizer (its float32 distances overflow, "
+    "|x| of ~1e13 and more); llama.cpp aborts on this tensor"
+)
+
+
+class _Abort(Exception):
+    """A block on which ggml aborts (see ``ABORT_MESSAGE``)."""
+
+
+def _refuses_aborting_blocks(name):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def kernel(xg, qw):
+            try:
+                return fn(xg, qw)
+            except _Abort:
+                raise QuantError(ABORT_MESSAGE.format(name=name)) from None
+
+        return kernel
+
+    return wrap
 
 
 def _best_neighbour(tab, u, xv, wa, scale):
@@ -57,7 +85,8 @@ def _best_neighbour(tab, u, xv, wa, scale):
     d2 = np.where(d2 < _FLT_MAX, d2, np.inf)  # C starts from FLT_MAX with a strict '<' (NaN never wins)
     mins = np.minimum.reduceat(d2, seg_start)
     first = np.minimum.reduceat(np.where(d2 == mins[seg], np.arange(seg.size), seg.size), seg_start)
-    assert (mins < np.inf).all(), "iq2 neighbour search found no finite distance (ggml aborts here)"
+    if not (mins < np.inf).all():
+        raise _Abort
     return cand[first]
 
 
@@ -201,7 +230,8 @@ def _grid_index(tab, L):
         u = (L[8 * k : 8 * k + 8] << _SHIFT8).sum(axis=0)
         out.append(kmap[u])
     gi = np.array(out, dtype=np.int64)
-    assert (gi >= 0).all(), "iq2: quant point off the grid (ggml aborts here)"
+    if not (gi >= 0).all():
+        raise _Abort
     return gi
 
 
@@ -228,6 +258,7 @@ def _finish_scale(scale, signs, mask127):
     return scale, signs
 
 
+@_refuses_aborting_blocks("IQ2_XXS")
 def iq2_xxs(xg, qw):
     """IQ2_XXS (66 bytes / 256): ``d`` fp16 | ``qs`` 8 x (4 grid bytes, uint32 signs+scale).
 
@@ -290,6 +321,7 @@ def _pack_nib(ls, NB):
     return (ls[:, :, 0] | (ls[:, :, 1] << 4)).astype(np.uint8)
 
 
+@_refuses_aborting_blocks("IQ2_XS")
 def iq2_xs(xg, qw):
     """IQ2_XS (74 bytes / 256): ``d`` fp16 | ``qs`` 32 uint16 | ``scales[8]``.
 
@@ -306,6 +338,7 @@ def iq2_xs(xg, qw):
     return _ref._bytes(d16[:, None], q, _pack_nib(ls, NB))
 
 
+@_refuses_aborting_blocks("IQ2_S")
 def iq2_s(xg, qw):
     """IQ2_S (82 bytes / 256): ``d`` fp16 | ``qs[32]`` low index bytes | ``signs[32]`` |
     ``qh[8]`` | ``scales[8]``.
@@ -334,3 +367,6 @@ KERNELS = {
     "IQ2_XS": (QK_K, 74, iq2_xs),
     "IQ2_S": (QK_K, 82, iq2_s),
 }
+
+# Imported last: quant._numpy registers KERNELS when it is imported, whichever module loads first.
+from quant import _numpy as _ref  # noqa: E402
