@@ -209,8 +209,21 @@ def _tensor_type_file_callback(ctx, param, value):
     return _tensor_types(text.split())
 
 
+def _kv_override_callback(ctx, param, value):
+    from gguf_moe.options import parse_kv_override
+
+    try:
+        return tuple(parse_kv_override(v) for v in value)
+    except GgufMoeError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _override_options(f):
     """llama-quantize's per-tensor type options, shared by ``convert`` and ``quantize``."""
+    f = click.option(
+        "--override-kv", metavar="KEY=TYPE:VALUE", multiple=True, callback=_kv_override_callback,
+        help="Set a metadata key (TYPE: int, float, bool, str), as llama-quantize --override-kv; repeatable.",
+    )(f)  # fmt: skip
     f = click.option(
         "--exclude-weights", metavar="NAME", multiple=True,
         help="Do not use the imatrix for tensors whose name contains NAME (repeatable).",
@@ -351,7 +364,7 @@ def _make_options(imatrix, ov: dict, **kw):
     im = _load_imatrix(imatrix)
     if im is not None:
         im = im.select(ov["include_weights"], ov["exclude_weights"])
-    return Options(imatrix=im, overrides=overrides, **kw)
+    return Options(imatrix=im, overrides=overrides, kv_overrides=ov["override_kv"], **kw)
 
 
 def _warn(plans) -> None:

@@ -25,7 +25,7 @@ import quant
 from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
 from gguf_moe.imatrix import Imatrix
 from gguf_moe.metadata import add_model_metadata, tokenizer_kvs
-from gguf_moe.options import DEFAULT_CHUNK_BYTES, Options, Progress
+from gguf_moe.options import DEFAULT_CHUNK_BYTES, Options, Progress, apply_kv_overrides
 from gguf_moe.presets import Preset, allows_quantization, choose_types, converter_type, get_preset, n_dims
 from gguf_moe.presets import requires_imatrix as _llama_requires_imatrix
 from gguf_moe.source import SourceModel, SourceTensor, finite_rows, widen
@@ -180,8 +180,9 @@ def plan_outputs(
     out = []
     for i, p in enumerate(presets):
         pre = get_preset(p)
+        n_expert = opts.kv_override_int(f"{model.arch}.expert_count")
         tensors, warnings = plan_tensors(
-            shapes, pre, n_expert=hp["n_expert"], n_layer=hp["n_layer"], n_head=hp["n_head"], n_head_kv=hp["n_head_kv"],
+            shapes, pre, n_expert=hp["n_expert"] if n_expert is None else n_expert, n_layer=hp["n_layer"], n_head=hp["n_head"], n_head_kv=hp["n_head_kv"],
             has_imatrix=has_imatrix, overrides=opts.overrides, source_types=source_types,
         )  # fmt: skip
         for st, pt in zip(model.tensors, tensors):
@@ -199,12 +200,16 @@ def make_writer(
     recipe: bool = True,
     tokenizer=None,
     imatrix: Imatrix | None = None,
+    kv_overrides=(),
 ) -> gguf.GGUFWriter:
-    """A ``GGUFWriter`` holding the tensor infos and every KV of ``out`` (nothing written)."""
+    """A ``GGUFWriter`` holding the tensor infos and every KV of ``out`` (nothing written);
+    ``kv_overrides`` (``options.KVOverride``) are applied after the model's KVs, before the
+    imatrix keys, as llama-quantize does."""
     w = gguf.GGUFWriter(None, model.arch)
     for t in out.tensors:
         w.add_tensor_info(t.name, _file_shape(t.shape, out.preset), np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
     add_model_metadata(w, model, out.preset, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tokenizer)
+    apply_kv_overrides(w, kv_overrides)
     if imatrix is not None and not out.preset.is_float:
         add_imatrix_kvs(w, imatrix)
     return w
@@ -310,7 +315,10 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
     writers = [
         open_output(
             o.path,
-            make_writer(model, o, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tok, imatrix=imatrix),
+            make_writer(
+                model, o, pre_tokenizer=pre_tokenizer, recipe=recipe, tokenizer=tok, imatrix=imatrix,
+                kv_overrides=opts.kv_overrides,
+            ),  # fmt: skip
             force=force,
             split=opts.split,
         )

@@ -34,7 +34,7 @@ from gguf_moe.convert import (
     plan_tensors,
 )
 from gguf_moe.errors import CorruptFile, GgufMoeError, QuantError
-from gguf_moe.options import Options
+from gguf_moe.options import Options, apply_kv_overrides
 from gguf_moe.presets import Preset, get_preset, llama_sort_key, n_dims
 from gguf_moe.space import check_space
 from gguf_moe.split import open_output, read_gguf_set
@@ -103,7 +103,9 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
         return None if v is None else int(v)
 
     n_layer = kv_int(gguf.Keys.LLM.BLOCK_COUNT) or 0
-    n_expert = kv_int(gguf.Keys.LLM.EXPERT_COUNT) or 0
+    n_expert = opts.kv_override_int(gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch))
+    if n_expert is None:
+        n_expert = kv_int(gguf.Keys.LLM.EXPERT_COUNT) or 0
     n_head, n_head_kv = kv_int(gguf.Keys.Attention.HEAD_COUNT), kv_int(gguf.Keys.Attention.HEAD_COUNT_KV)
     if n_head is not None and n_head_kv is None:
         n_head_kv = n_head  # llama.cpp's default when the key is absent
@@ -147,6 +149,7 @@ def _writer(plan: QuantizePlan, opts: Options) -> gguf.GGUFWriter:
         w.add_key_value(key, val, vtype, sub_type=sub)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(plan.preset.file_type)
+    apply_kv_overrides(w, opts.kv_overrides)
     if opts.imatrix is not None:
         add_imatrix_kvs(w, opts.imatrix)
     align = fields.get(gguf.Keys.General.ALIGNMENT)

@@ -116,6 +116,7 @@ def llama_model_quantize(
     pure: bool = False,
     leave_output_tensor: bool = False,
     allow_requantize: bool = False,
+    kv_overrides: list | tuple = (),
     check: bool = True,
 ) -> int:
     """The real llama-quantize on a whole file (``ftype`` = llama_ftype number); returns
@@ -127,7 +128,8 @@ def llama_model_quantize(
     them: ``tensor_types`` [(pattern, type name)] is ``--tensor-type`` (``tt_overrides``;
     llama-quantize lower-cases the pattern before this point), ``output_tensor_type`` /
     ``token_embedding_type`` type names, ``pure``, ``leave_output_tensor``
-    (``quantize_output_tensor = false``), ``allow_requantize``.
+    (``quantize_output_tensor = false``), ``allow_requantize``; ``kv_overrides``
+    [(key, "int" | "float" | "bool" | "str", value)] as ``--override-kv`` fills them.
     """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -160,6 +162,24 @@ def llama_model_quantize(
     params.pure = pure
     params.quantize_output_tensor = not leave_output_tensor
     params.allow_requantize = allow_requantize
+    if kv_overrides:
+        kvo = (llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1))()
+        tags = {"int": llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, "float": llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT,
+                "bool": llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL, "str": llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR}  # fmt: skip
+        for i, (key, kind, value) in enumerate(kv_overrides):
+            kvo[i].key = key.encode()
+            kvo[i].tag = tags[kind]
+            if kind == "int":
+                kvo[i].value.val_i64 = value
+            elif kind == "float":
+                kvo[i].value.val_f64 = value
+            elif kind == "bool":
+                kvo[i].value.val_bool = value
+            else:
+                kvo[i].value.val_str = value.encode()
+        kvo[len(kv_overrides)].key = b""
+        keep.append(kvo)
+        params.kv_overrides = kvo
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if check:
         assert rc == 0, f"llama_model_quantize({Path(src).name} -> ftype {ftype}) failed"

@@ -262,3 +262,29 @@ def test_allow_requantize(merges, tmp_path, first, then):
     ok("quantize", q, out, then, "-q", "--allow-requantize")
     compare(out, ref)
     assert sha256(out) == sha256(ref)
+
+
+def test_override_kv(merges, tmp_path):
+    """--override-kv: each key removed and set again after general.file_type (int as u32,
+    float as f32), before the imatrix keys; an overridden expert count changes the type
+    rules, as llama.cpp's loader reads hparams through the overrides."""
+    m = merges["fused4"]
+    kvs = [("general.name", "str", "Renamed MoE"), ("llama.expert_count", "int", 8), ("x.scale", "float", 0.1),
+           ("x.flag", "bool", True), ("general.file_type", "int", 99)]  # fmt: skip
+    args = [a for k, kind, v in kvs for a in ("--override-kv", f"{k}={kind}:{str(v).lower() if kind == 'bool' else v}")]
+    ref = tmp_path / "ref.gguf"
+    llama_model_quantize(m["bf16"], ref, get_preset("Q4_K_M").file_type, kv_overrides=kvs)
+    h = read_header(ref)
+    assert list(h.kvs)[-5:] == [k for k, *_ in kvs] and h.kv("general.file_type") == 99
+    assert {t.name: t.type_name for t in h.tensors}["blk.0.attn_k.weight"] == "Q8_0"  # the 8-expert rule
+    for command in ("convert", "quantize"):
+        out = tmp_path / f"{command}.gguf"
+        if command == "convert":
+            ok("convert", m["src"], "-t", "Q4_K_M", "-o", out, "-q", *args)
+        else:
+            ok("quantize", m["bf16"], out, "Q4_K_M", "-q", *args)
+        compare(out, ref)
+        assert sha256(out) == sha256(ref), command
+    for bad in ("general.name", "x=long:3", "x=bool:yes", "x=str:" + "a" * 128):
+        r = invoke("quantize", m["bf16"], tmp_path / "bad.gguf", "Q4_K_M", "--override-kv", bad)
+        assert r.exit_code == 2 and "KV override" in r.output and not (tmp_path / "bad.gguf").exists()
