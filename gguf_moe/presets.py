@@ -318,8 +318,9 @@ def parse_ggml_type(name: str) -> T:
 
 
 # Constructs Python's re accepts but the ECMAScript grammar of std::regex (llama.cpp's
-# matcher) rejects: named groups, lookbehind, comments, inline flags, \A and \Z.
-_NOT_ECMASCRIPT = re.compile(r"\(\?(P|<|#|[aiLmsux-])|\\[AZ]")
+# matcher) rejects: named groups, lookbehind, comments, inline flags, \A and \Z; and POSIX
+# bracket classes ([[:digit:]]), which std::regex knows and re would read as plain sets.
+_NOT_ECMASCRIPT = re.compile(r"\(\?(P|<|#|[aiLmsux-])|\\[AZ]|\[[:.=]")
 
 
 def _compile(pattern: str) -> re.Pattern:

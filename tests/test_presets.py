@@ -555,6 +555,6 @@ def test_override_parsing():
     assert parse_ggml_type("q6_K") == T.Q6_K and parse_ggml_type("BF16") == T.BF16
     for bad, msg in [("attn_v", "malformed"), ("=q8_0", "missing tensor name"), ("attn_v=", "missing quantization type"),
                      ("attn_v=q9_0", "invalid ggml type"), ("attn_v(=q8_0", "not a valid regular expression"),
-                     ("(?<=blk)x=q8_0", "does not accept")]:  # fmt: skip
+                     ("(?<=blk)x=q8_0", "does not accept"), ("blk[[:digit:]]=q8_0", "does not accept")]:  # fmt: skip
         with pytest.raises(GgufMoeError, match=msg):
             parse_tensor_type(bad)
