@@ -18,7 +18,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._iqgrid import iq3_tables
 from ._numba import _JIT, _f16, _nint, _put16
@@ -38,11 +41,13 @@ _QV = np.arange(1, 16, 2).astype(F32)  # grid coordinate of each level
 
 @functools.cache
 def tables(name: str):
-    """``(cidx int8 [4*len(neighbours)], levels int32 [G*4], kmap int32, neighbours int32)``.
+    """``(cidx int8 [4*len(neighbours)], levels int32 [G*4], kmap int32, neighbours int32, vidx, voff)``.
 
     ``levels[4*g + i]`` is the level (0..7) of coordinate i of grid point g; for entry p of
     the neighbour lists, ``cidx[4*p + i]`` is ``8*i + level`` of coordinate i of the point
-    ``neighbours[p]`` (0 for entries that hold a list length).
+    ``neighbours[p]`` (0 for entries that hold a list length).  ``vidx`` holds the same levels
+    for the vector search, list by list in chunks of 8 candidates (``[chunk][coordinate][8]``,
+    padded with level 0); the list starting at ``neighbours[p]`` begins at ``vidx[voff[p]]``.
     """
     t = iq3_tables(name)
     lev = (t.grid.astype(np.int32) - 1) // 2  # [G, 4]
@@ -51,17 +56,36 @@ def tables(name: str):
     is_len[-t.kmap[t.kmap < 0].astype(np.int64) - 1] = True
     idx = lev[np.where(is_len, 0, nbr)] + 8 * np.arange(4)[None, :]  # [len, 4]
     idx[is_len] = 0
+    # the same levels in chunks of 8 candidates: [chunk][coordinate][8], padded with level 0
+    starts = np.flatnonzero(is_len)
+    counts = nbr[starts].astype(np.int64)
+    nch = -(-counts // 8)
+    voff = np.zeros(nbr.size, np.int64)
+    voff[starts] = 32 * np.concatenate(([0], np.cumsum(nch)[:-1]))
+    vidx = np.zeros(32 * int(nch.sum()), np.int32)
+    for st, cnt, vo in zip(starts, counts, voff[starts]):
+        for j in range(cnt):
+            vidx[vo + 32 * (j // 8) + 8 * np.arange(4) + j % 8] = lev[nbr[st + 1 + j]]
     return (
         np.ascontiguousarray(idx.reshape(-1), dtype=np.int8),
         np.ascontiguousarray(lev.reshape(-1)),
         np.ascontiguousarray(t.kmap, dtype=np.int32),
         nbr,
+        vidx,
+        voff,
     )
 
 
 @njit(inline="always", **_JIT)
-def _neighbour(nbr, cidx, start, T, xval, waux, o, scale):
-    """``iq3_find_best_neighbour``: list at ``nbr[start]``, group values ``xval[o + i*NL]``."""
+def _search_scalar(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
+    """``iq3_find_best_neighbour`` for the list at ``nbr[start]`` and the group at
+    ``xval[o + i*NL]``: the entry p of the chosen grid point ``nbr[p]``, or -1 where no
+    distance is below FLT_MAX (ggml asserts).
+
+    The distance is a sum of four terms ``waux*diff*diff``, each depending on one coordinate
+    and its level only: the 4 x 8 possible terms are computed first (the same float
+    operations as C) and each candidate adds its four in C's order.
+    """
     for i in range(4):
         xi = xval[o + i * NL]
         wi = waux[o + i * NL]
@@ -82,278 +106,388 @@ def _neighbour(nbr, cidx, start, T, xval, waux, o, scale):
     return gi
 
 
-@njit(**_JIT)
-def _kiq3(x, n, qw, use_qw, xxs, cidx, glev, kmap, nbr, out):
-    """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256).
+_f32t = ir.FloatType()
+_i1t, _i8t, _i32t, _i64t = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_v8f = ir.VectorType(_f32t, 8)
+_v8i = ir.VectorType(_i32t, 8)
+_NOKEY = 2**63 - 1
 
-    Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
-    (and ggml aborts): then ``out`` is incomplete.
+
+def _splat(builder, val, vt):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(_i32t, 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(_v8i, [0] * 8))
+
+
+@intrinsic
+def _best8(typingctx, xval, waux, o, scale, vidx, off, cnt):
+    """AVX2 form of the neighbour search (x86-64 only): ``(bits(d2) << 8) | j`` of the first
+    candidate j of least distance below FLT_MAX, or ``2**63 - 1``.
+
+    The 4 x 8 terms ``waux*diff*diff`` are four 8-float vectors (the C operations lane by
+    lane, no contraction); ``vpermps`` picks each candidate's term of every coordinate, 8
+    candidates at a time, and the four are added in C's order.  Distances are non-negative,
+    so their bit patterns order like their values and the smallest key is C's choice (first
+    index on ties; NaN and values >= FLT_MAX excluded as C's strict ``<`` does).
     """
-    nsb = x.size // QK_K
-    SB = NL // 8
-    ts = 98 if xxs else 110
-    nlo = -15 if xxs else -9
-    xc = np.empty(32 * NL, F32)
-    xval = np.empty(32 * NL, F32)
-    w = np.empty(32 * NL, F32)
-    wx = np.empty(32 * NL, F32)
-    waux = np.empty(32 * NL, F32)
-    L = np.zeros(32 * NL, np.int32)
-    La = np.zeros(32 * NL, np.int32)
-    gidx = np.zeros(8 * NL, np.int32)
-    on = np.zeros(8 * NL, np.bool_)
-    on_aux = np.zeros(8 * NL, np.bool_)
-    signs = np.zeros(4 * NL, np.int32)
-    mx = np.empty(NL, F32)
-    idl = np.empty(NL, F32)
-    tsc = np.empty(NL, F32)
-    scale = np.empty(NL, F32)
-    best = np.empty(NL, F32)
-    sqx = np.empty(NL, F32)
-    sq2 = np.empty(NL, F32)
-    live = np.zeros(NL, np.bool_)
-    sig = np.empty(SB, F32)
-    lsc = np.empty(8, np.int64)
-    T = np.empty(32, F32)
-    mlist = np.empty(8 * NL, np.int64)
-    for t0 in range(0, nsb, SB):
-        nb = min(SB, nsb - t0)
-        nv = nb * 8
-        base = t0 * QK_K
-        for s in range(NL):
-            if s < nv:
-                o = base + s * 32
-                for i in range(32):
-                    xc[i * NL + s] = x[o + i]
-            else:
-                for i in range(32):
-                    xc[i * NL + s] = _Z
-        # weights
-        if use_qw:
-            for b in range(SB):
-                sig[b] = _Z
-            for b in range(nb):
-                acc = _Z
-                for e in range(QK_K):
-                    v = x[base + b * QK_K + e]
-                    acc += v * v
-                sig[b] = (F32(2.0) * acc) / F32(256.0)
+    sig = types.int64(xval, waux, types.int64, types.float32, vidx, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        xv, wv, o_, sc, va, off_, cnt_ = args
+        mod = builder.module
+        permps = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f, _v8i]), "llvm.x86.avx2.permps")
+        fmin = cgutils.get_or_insert_function(mod, ir.FunctionType(_f32t, [_v8f]), "llvm.vector.reduce.fmin.v8f32")
+        cttz = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [_i32t, _i1t]), "llvm.cttz.i32")
+        xarr = context.make_array(signature.args[0])(context, builder, xv)
+        warr = context.make_array(signature.args[1])(context, builder, wv)
+        iarr = context.make_array(signature.args[4])(context, builder, va)
+        sq = builder.fmul(_splat(builder, sc, _v8f), ir.Constant(_v8f, [float(2 * l + 1) for l in range(8)]))
+        T = []
+        for i in range(4):
+            at = builder.add(o_, ir.Constant(_i64t, i * NL))
+            xi = builder.load(builder.gep(xarr.data, [at]))
+            wi = builder.load(builder.gep(warr.data, [at]))
+            diff = builder.fsub(sq, _splat(builder, xi, _v8f))
+            T.append(builder.fmul(builder.fmul(_splat(builder, wi, _v8f), diff), diff))
+        entry = builder.block
+        loop = builder.append_basic_block("iq3_chunk")
+        done = builder.append_basic_block("iq3_done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        c = builder.phi(_i64t)
+        best = builder.phi(_i64t)
+        c.add_incoming(ir.Constant(_i64t, 0), entry)
+        best.add_incoming(ir.Constant(_i64t, _NOKEY), entry)
+        base = builder.add(off_, builder.mul(c, ir.Constant(_i64t, 32)))
+        terms = []
+        for i in range(4):
+            p = builder.gep(iarr.data, [builder.add(base, ir.Constant(_i64t, 8 * i))])
+            idx = builder.load(builder.bitcast(p, _v8i.as_pointer()), align=4)
+            terms.append(builder.call(permps, [T[i], idx]))
+        d = builder.fadd(builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]), terms[3])
+        c8 = builder.trunc(builder.mul(c, ir.Constant(_i64t, 8)), _i32t)
+        lane = builder.add(ir.Constant(_v8i, list(range(8))), _splat(builder, c8, _v8i))
+        valid = builder.icmp_signed("<", lane, _splat(builder, builder.trunc(cnt_, _i32t), _v8i))
+        ok = builder.and_(valid, builder.fcmp_ordered("<", d, ir.Constant(_v8f, [float(_FLT_MAX)] * 8)))
+        dm = builder.select(ok, d, ir.Constant(_v8f, [float("inf")] * 8))
+        mn = builder.call(fmin, [dm])
+        eq = builder.and_(ok, builder.fcmp_ordered("==", dm, _splat(builder, mn, _v8f)))
+        j = builder.call(cttz, [builder.zext(builder.bitcast(eq, _i8t), _i32t), ir.Constant(_i1t, 0)])
+        key = builder.or_(
+            builder.shl(builder.zext(builder.bitcast(mn, _i32t), _i64t), ir.Constant(_i64t, 8)),
+            builder.zext(builder.add(c8, j), _i64t),
+        )
+        key = builder.select(builder.fcmp_ordered("<", mn, ir.Constant(_f32t, float("inf"))), key, ir.Constant(_i64t, _NOKEY))
+        nb = builder.select(builder.icmp_signed("<", key, best), key, best)
+        c1 = builder.add(c, ir.Constant(_i64t, 1))
+        c.add_incoming(c1, builder.block)
+        best.add_incoming(nb, builder.block)
+        builder.cbranch(builder.icmp_signed("<", builder.mul(c1, ir.Constant(_i64t, 8)), cnt_), loop, done)
+        builder.position_at_end(done)
+        return nb
+
+    return sig, codegen
+
+
+@njit(inline="always", **_JIT)
+def _search_avx2(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
+    """``_search_scalar`` with the candidate loop in AVX2 vectors (same result)."""
+    key = _best8(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
+    if key == _NOKEY:
+        return -1
+    return start + 1 + (key & 255)
+
+
+def _make_kernel(search):
+    @njit(**_JIT)
+    def _kiq3(x, n, qw, use_qw, xxs, cidx, glev, kmap, nbr, vidx, voff, out):
+        """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256).
+
+        Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
+        (and ggml aborts): then ``out`` is incomplete.
+        """
+        nsb = x.size // QK_K
+        SB = NL // 8
+        ts = 98 if xxs else 110
+        nlo = -15 if xxs else -9
+        xc = np.empty(32 * NL, F32)
+        xval = np.empty(32 * NL, F32)
+        w = np.empty(32 * NL, F32)
+        wx = np.empty(32 * NL, F32)
+        waux = np.empty(32 * NL, F32)
+        L = np.zeros(32 * NL, np.int32)
+        La = np.zeros(32 * NL, np.int32)
+        gidx = np.zeros(8 * NL, np.int32)
+        on = np.zeros(8 * NL, np.bool_)
+        on_aux = np.zeros(8 * NL, np.bool_)
+        signs = np.zeros(4 * NL, np.int32)
+        mx = np.empty(NL, F32)
+        idl = np.empty(NL, F32)
+        tsc = np.empty(NL, F32)
+        scale = np.empty(NL, F32)
+        best = np.empty(NL, F32)
+        sqx = np.empty(NL, F32)
+        sq2 = np.empty(NL, F32)
+        live = np.zeros(NL, np.bool_)
+        sig = np.empty(SB, F32)
+        lsc = np.empty(8, np.int64)
+        T = np.empty(32, F32)
+        mlist = np.empty(8 * NL, np.int64)
+        for t0 in range(0, nsb, SB):
+            nb = min(SB, nsb - t0)
+            nv = nb * 8
+            base = t0 * QK_K
             for s in range(NL):
-                col = ((t0 * 8 + s) * 32) % n
-                sg = sig[s // 8]
-                for i in range(32):
-                    v = xc[i * NL + s]
-                    w[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v)
-        else:
+                if s < nv:
+                    o = base + s * 32
+                    for i in range(32):
+                        xc[i * NL + s] = x[o + i]
+                else:
+                    for i in range(32):
+                        xc[i * NL + s] = _Z
+            # weights
+            if use_qw:
+                for b in range(SB):
+                    sig[b] = _Z
+                for b in range(nb):
+                    acc = _Z
+                    for e in range(QK_K):
+                        v = x[base + b * QK_K + e]
+                        acc += v * v
+                    sig[b] = (F32(2.0) * acc) / F32(256.0)
+                for s in range(NL):
+                    col = ((t0 * 8 + s) * 32) % n
+                    sg = sig[s // 8]
+                    for i in range(32):
+                        v = xc[i * NL + s]
+                        w[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v)
+            else:
+                for i in range(32 * NL):
+                    v = xc[i]
+                    w[i] = v * v
+            for i in range(32 * NL):
+                waux[i] = np.sqrt(w[i])
+            # signs and magnitudes
             for i in range(32 * NL):
                 v = xc[i]
-                w[i] = v * v
-        for i in range(32 * NL):
-            waux[i] = np.sqrt(w[i])
-        # signs and magnitudes
-        for i in range(32 * NL):
-            v = xc[i]
-            xval[i] = v if v >= _Z else -v
-        for k in range(4):
-            for s in range(NL):
-                sb = 0
-                for i in range(8):
-                    if not (xc[(8 * k + i) * NL + s] >= _Z):
-                        sb |= 1 << i
-                if xxs:
-                    nflip = 0
+                xval[i] = v if v >= _Z else -v
+            for k in range(4):
+                for s in range(NL):
+                    sb = 0
                     for i in range(8):
-                        nflip += (sb >> i) & 1
-                    if nflip & 1:
-                        p = 8 * k * NL + s
-                        vmin = (w[p] * xc[p]) * xc[p]
-                        imin = 0
-                        for i in range(1, 8):
-                            p = (8 * k + i) * NL + s
-                            a = (w[p] * xc[p]) * xc[p]
-                            if a < vmin:
-                                vmin = a
-                                imin = i
-                        p = (8 * k + imin) * NL + s
-                        xval[p] = -xval[p]
-                        sb ^= 1 << imin
-                    sb &= 127
-                signs[k * NL + s] = sb
-        for s in range(NL):
-            m = xval[s]
-            for i in range(1, 32):
-                v = xval[i * NL + s]
-                m = m if m > v else v
-            if xxs:
-                live[s] = not (m < _EPS_XXS)
-            else:
-                live[s] = m != _Z
-            mx[s] = m if live[s] else _ONE
-            scale[s] = mx[s] / F32(15.0)
-            best[s] = _Z
-        for i in range(32 * NL):
-            wx[i] = w[i] * xval[i]
-            L[i] = 0
-        for i in range(8 * NL):
-            on[i] = xxs
-        # scale search
-        for step in range(nlo, -nlo + 1):
+                        if not (xc[(8 * k + i) * NL + s] >= _Z):
+                            sb |= 1 << i
+                    if xxs:
+                        nflip = 0
+                        for i in range(8):
+                            nflip += (sb >> i) & 1
+                        if nflip & 1:
+                            p = 8 * k * NL + s
+                            vmin = (w[p] * xc[p]) * xc[p]
+                            imin = 0
+                            for i in range(1, 8):
+                                p = (8 * k + i) * NL + s
+                                a = (w[p] * xc[p]) * xc[p]
+                                if a < vmin:
+                                    vmin = a
+                                    imin = i
+                            p = (8 * k + imin) * NL + s
+                            xval[p] = -xval[p]
+                            sb ^= 1 << imin
+                        sb &= 127
+                    signs[k * NL + s] = sb
             for s in range(NL):
-                idv = (F32(15.0) + F32(step) * F32(0.2)) / mx[s]
-                idl[s] = idv
-                tsc[s] = _ONE / idv
-            for i in range(32):
+                m = xval[s]
+                for i in range(1, 32):
+                    v = xval[i * NL + s]
+                    m = m if m > v else v
+                if xxs:
+                    live[s] = not (m < _EPS_XXS)
+                else:
+                    live[s] = m != _Z
+                mx[s] = m if live[s] else _ONE
+                scale[s] = mx[s] / F32(15.0)
+                best[s] = _Z
+            for i in range(32 * NL):
+                wx[i] = w[i] * xval[i]
+                L[i] = 0
+            for i in range(8 * NL):
+                on[i] = xxs
+            # scale search
+            for step in range(nlo, -nlo + 1):
                 for s in range(NL):
-                    l = _nint(_HALF * (idl[s] * xval[i * NL + s] - _ONE))
-                    La[i * NL + s] = max(0, min(7, l))
-            for k in range(8):
-                for s in range(NL):
-                    p = 4 * k * NL + s
-                    u = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
-                    gidx[k * NL + s] = kmap[u]
-            nm = 0  # off-grid groups, listed without branches
-            for e in range(8 * NL):
-                miss = gidx[e] < 0
-                on_aux[e] = not miss
-                mlist[nm] = e
-                nm += miss & live[e % NL]
-            for m in range(nm):
-                e = mlist[m]
-                s = e % NL
-                o = 4 * (e // NL) * NL + s
-                g = _neighbour(nbr, cidx, -gidx[e] - 1, T, xval, waux, o, tsc[s])
-                if g < 0:
-                    return t0 * 8 + s
-                g = nbr[g]
-                for i in range(4):
-                    La[o + i * NL] = glev[4 * g + i]
-            for s in range(NL):
-                sqx[s] = _Z
-                sq2[s] = _Z
-            for i in range(32):
-                for s in range(NL):
-                    q = F32(2 * La[i * NL + s] + 1)
-                    sqx[s] += wx[i * NL + s] * q
-                    sq2[s] += (w[i * NL + s] * q) * q
-            for s in range(NL):
-                upd = sq2[s] > _Z and sqx[s] * sqx[s] > best[s] * sq2[s]
-                if upd:
-                    sc = sqx[s] / sq2[s]
-                    scale[s] = sc
-                    best[s] = sc * sqx[s]
-                    for i in range(32):
-                        L[i * NL + s] = La[i * NL + s]
-                    for k in range(8):
-                        on[k * NL + s] = on_aux[k * NL + s]
-        # requantize groups off the grid (IQ3_S: all groups) with the final scale
-        for s in range(NL):
-            if not live[s]:
-                continue
-            off = False
-            for k in range(8):
-                if not on[k * NL + s]:
-                    off = True
-            if not (off and scale[s] > _Z):
-                continue
-            idv = _ONE / scale[s]
-            for k in range(8):
-                if xxs and on[k * NL + s]:
-                    continue
-                o = 4 * k * NL + s
-                u = 0
-                for i in range(4):
-                    l = _nint(_HALF * (idv * xval[o + i * NL] - _ONE))
-                    u |= max(0, min(7, l)) << (3 * i)
-                g = kmap[u]
-                if g < 0:
-                    g = _neighbour(nbr, cidx, -g - 1, T, xval, waux, o, scale[s])
+                    idv = (F32(15.0) + F32(step) * F32(0.2)) / mx[s]
+                    idl[s] = idv
+                    tsc[s] = _ONE / idv
+                for i in range(32):
+                    for s in range(NL):
+                        l = _nint(_HALF * (idl[s] * xval[i * NL + s] - _ONE))
+                        La[i * NL + s] = max(0, min(7, l))
+                for k in range(8):
+                    for s in range(NL):
+                        p = 4 * k * NL + s
+                        u = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
+                        gidx[k * NL + s] = kmap[u]
+                nm = 0  # off-grid groups, listed without branches
+                for e in range(8 * NL):
+                    miss = gidx[e] < 0
+                    on_aux[e] = not miss
+                    mlist[nm] = e
+                    nm += miss & live[e % NL]
+                for m in range(nm):
+                    e = mlist[m]
+                    s = e % NL
+                    o = 4 * (e // NL) * NL + s
+                    g = search(nbr, cidx, vidx, voff, -gidx[e] - 1, T, xval, waux, o, tsc[s])
                     if g < 0:
                         return t0 * 8 + s
                     g = nbr[g]
-                for i in range(4):
-                    L[o + i * NL] = glev[4 * g + i]
-            a = _Z
-            b = _Z
-            for i in range(32):
-                q = F32(2 * L[i * NL + s] + 1)
-                a += wx[i * NL + s] * q
-                b += (w[i * NL + s] * q) * q
-            if b > _Z:
-                scale[s] = a / b
-        # final grid indices, sign flip for a negative scale
-        for s in range(NL):
-            if not live[s]:
-                scale[s] = _Z
-                continue
-            if scale[s] < _Z:
-                scale[s] = -scale[s]
-                for k in range(4):
-                    signs[k * NL + s] = (~signs[k * NL + s]) & (127 if xxs else 255)
-            for k in range(8):
-                o = 4 * k * NL + s
-                u = L[o] | (L[o + NL] << 3) | (L[o + 2 * NL] << 6) | (L[o + 3 * NL] << 9)
-                gidx[k * NL + s] = kmap[u]  # on the grid by construction
-        # pack
-        for b in range(nb):
-            o = (t0 + b) * ts
-            s0 = b * 8
-            max_scale = _Z
-            for j in range(8):
-                sc = scale[s0 + j]
-                max_scale = max_scale if max_scale > sc else sc
-            for j in range(ts):
-                out[o + j] = 0
-            if xxs and max_scale == _Z:
-                continue
-            if max_scale != _Z:
-                d = max_scale / F32(31.0)
-                _put16(out, o, _f16(d * (F32(1.0125) if xxs else F32(1.033))))
-                idv = _ONE / d
-                for j in range(8):
-                    l = _nint(_HALF * (idv * scale[s0 + j] - _ONE))
-                    lsc[j] = max(0, min(15, l))
-            else:
-                for j in range(8):
-                    lsc[j] = 0
-            if xxs:
-                for j in range(8):
-                    s = s0 + j
-                    if not live[s]:
+                    for i in range(4):
+                        La[o + i * NL] = glev[4 * g + i]
+                for s in range(NL):
+                    sqx[s] = _Z
+                    sq2[s] = _Z
+                for i in range(32):
+                    for s in range(NL):
+                        q = F32(2 * La[i * NL + s] + 1)
+                        sqx[s] += wx[i * NL + s] * q
+                        sq2[s] += (w[i * NL + s] * q) * q
+                for s in range(NL):
+                    upd = sq2[s] > _Z and sqx[s] * sqx[s] > best[s] * sq2[s]
+                    if upd:
+                        sc = sqx[s] / sq2[s]
+                        scale[s] = sc
+                        best[s] = sc * sqx[s]
+                        for i in range(32):
+                            L[i * NL + s] = La[i * NL + s]
+                        for k in range(8):
+                            on[k * NL + s] = on_aux[k * NL + s]
+            # requantize groups off the grid (IQ3_S: all groups) with the final scale
+            for s in range(NL):
+                if not live[s]:
+                    continue
+                off = False
+                for k in range(8):
+                    if not on[k * NL + s]:
+                        off = True
+                if not (off and scale[s] > _Z):
+                    continue
+                idv = _ONE / scale[s]
+                for k in range(8):
+                    if xxs and on[k * NL + s]:
                         continue
-                    for k in range(8):
-                        out[o + 2 + 8 * j + k] = gidx[k * NL + s] & 255
-                for j in range(8):
-                    s = s0 + j
-                    v = lsc[j] << 28
-                    if live[s]:
-                        v |= signs[s] | (signs[NL + s] << 7) | (signs[2 * NL + s] << 14) | (signs[3 * NL + s] << 21)
-                    p = o + 66 + 4 * j
-                    for e in range(4):
-                        out[p + e] = (v >> (8 * e)) & 255
-            else:
-                slot = 0  # ggml's qs/signs pointers skip all-zero sub-blocks
-                for j in range(8):
-                    s = s0 + j
-                    if not live[s]:
-                        continue
-                    h = 0
-                    for k in range(8):
-                        g = gidx[k * NL + s]
-                        out[o + 2 + 8 * slot + k] = g & 255
-                        h |= ((g >> 8) & 1) << k
-                    out[o + 66 + j] = h
+                    o = 4 * k * NL + s
+                    u = 0
+                    for i in range(4):
+                        l = _nint(_HALF * (idv * xval[o + i * NL] - _ONE))
+                        u |= max(0, min(7, l)) << (3 * i)
+                    g = kmap[u]
+                    if g < 0:
+                        g = search(nbr, cidx, vidx, voff, -g - 1, T, xval, waux, o, scale[s])
+                        if g < 0:
+                            return t0 * 8 + s
+                        g = nbr[g]
+                    for i in range(4):
+                        L[o + i * NL] = glev[4 * g + i]
+                a = _Z
+                b = _Z
+                for i in range(32):
+                    q = F32(2 * L[i * NL + s] + 1)
+                    a += wx[i * NL + s] * q
+                    b += (w[i * NL + s] * q) * q
+                if b > _Z:
+                    scale[s] = a / b
+            # final grid indices, sign flip for a negative scale
+            for s in range(NL):
+                if not live[s]:
+                    scale[s] = _Z
+                    continue
+                if scale[s] < _Z:
+                    scale[s] = -scale[s]
                     for k in range(4):
-                        out[o + 74 + 4 * slot + k] = signs[k * NL + s]
-                    slot += 1
-                for j in range(4):
-                    out[o + 106 + j] = lsc[2 * j] | (lsc[2 * j + 1] << 4)
-    return -1
+                        signs[k * NL + s] = (~signs[k * NL + s]) & (127 if xxs else 255)
+                for k in range(8):
+                    o = 4 * k * NL + s
+                    u = L[o] | (L[o + NL] << 3) | (L[o + 2 * NL] << 6) | (L[o + 3 * NL] << 9)
+                    gidx[k * NL + s] = kmap[u]  # on the grid by construction
+            # pack
+            for b in range(nb):
+                o = (t0 + b) * ts
+                s0 = b * 8
+                max_scale = _Z
+                for j in range(8):
+                    sc = scale[s0 + j]
+                    max_scale = max_scale if max_scale > sc else sc
+                for j in range(ts):
+                    out[o + j] = 0
+                if xxs and max_scale == _Z:
+                    continue
+                if max_scale != _Z:
+                    d = max_scale / F32(31.0)
+                    _put16(out, o, _f16(d * (F32(1.0125) if xxs else F32(1.033))))
+                    idv = _ONE / d
+                    for j in range(8):
+                        l = _nint(_HALF * (idv * scale[s0 + j] - _ONE))
+                        lsc[j] = max(0, min(15, l))
+                else:
+                    for j in range(8):
+                        lsc[j] = 0
+                if xxs:
+                    for j in range(8):
+                        s = s0 + j
+                        if not live[s]:
+                            continue
+                        for k in range(8):
+                            out[o + 2 + 8 * j + k] = gidx[k * NL + s] & 255
+                    for j in range(8):
+                        s = s0 + j
+                        v = lsc[j] << 28
+                        if live[s]:
+                            v |= signs[s] | (signs[NL + s] << 7) | (signs[2 * NL + s] << 14) | (signs[3 * NL + s] << 21)
+                        p = o + 66 + 4 * j
+                        for e in range(4):
+                            out[p + e] = (v >> (8 * e)) & 255
+                else:
+                    slot = 0  # ggml's qs/signs pointers skip all-zero sub-blocks
+                    for j in range(8):
+                        s = s0 + j
+                        if not live[s]:
+                            continue
+                        h = 0
+                        for k in range(8):
+                            g = gidx[k * NL + s]
+                            out[o + 2 + 8 * slot + k] = g & 255
+                            h |= ((g >> 8) & 1) << k
+                        out[o + 66 + j] = h
+                        for k in range(4):
+                            out[o + 74 + 4 * slot + k] = signs[k * NL + s]
+                        slot += 1
+                    for j in range(4):
+                        out[o + 106 + j] = lsc[2 * j] | (lsc[2 * j + 1] << 4)
+        return -1
+
+    return _kiq3
+
+
+_KERNELS = {"scalar": _make_kernel(_search_scalar), "avx2": _make_kernel(_search_avx2)}
+
+
+def _host_has_avx2() -> bool:
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("avx2", False))
+    except Exception:  # pragma: no cover - feature query unavailable
+        return False
+
+
+#: Use the AVX2 neighbour search (x86-64 CPUs with AVX2); the scalar one otherwise.
+USE_AVX2 = _host_has_avx2()
 
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ3_XXS / IQ3_S of the flat rows ``x`` into ``out``."""
-    cidx, glev, kmap, nbr = tables(name)
-    bad = _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", cidx, glev, kmap, nbr, out)
+    cidx, glev, kmap, nbr, vidx, voff = tables(name)
+    kernel = _KERNELS["avx2" if USE_AVX2 else "scalar"]
+    bad = kernel(x, n, qw, use_qw, name == "IQ3_XXS", cidx, glev, kmap, nbr, vidx, voff, out)
     if bad >= 0:
         raise too_large(name, float(np.abs(x[bad * 32 : bad * 32 + 32]).max()))
-

@@ -183,6 +183,25 @@ def test_per_expert_imatrix(backend, qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+def test_numba_both_neighbour_searches(qtype, monkeypatch):
+    """numba has an AVX2 neighbour search (used where the CPU has AVX2) and a scalar one
+    (elsewhere): both give ggml's bytes, whichever this machine uses by default."""
+    if "numba" not in BACKENDS:
+        pytest.skip("numba backend not available")
+    from quant import _numba_iq3
+
+    cases = ["student_t", "zero_const_rows", "super_weight", "rounding_ties"]
+    for use_avx2 in ([False, True] if _numba_iq3._host_has_avx2() else [False]):
+        monkeypatch.setattr(_numba_iq3, "USE_AVX2", use_avx2)
+        for case in cases:
+            x = _input(case)[::4]
+            for imat in (False, True):
+                got = quant.quantize(x, qtype, imatrix=_imatrix(x.shape[1]) if imat else None, backend="numba")
+                bad, nblk, first = _mismatch(got, _expected(qtype, case, imat)[::4], qtype)
+                assert bad == 0, f"avx2={use_avx2} [{case}] imatrix={imat}: {bad} of {nblk} blocks differ; {first}"
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 def test_threads_and_groups_do_not_change_bytes(qtype, monkeypatch):
     x = _input("student_t")[:24]
     qw = _imatrix(x.shape[1])
