@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from ._iqgrid import iq2_tables
-from ._numba import _JIT, _f16, _nint, _put16
+from ._numba import _JIT, _f16, _f32_bits, _nint, _put16
 
 F32 = np.float32
 QK_K = 256
@@ -56,23 +56,47 @@ _CP2 = _P1 * _P1 - _P2 * _P2
 _CM1 = _M0 * _M0 - _M1 * _M1
 _CM2 = _M1 * _M1 - _M2 * _M2
 _MASKS = (0x00, 0x80, 0x08, 0x88)
+_KEY_NONE = np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+#: neighbour lists are padded to a multiple of this many entries (no scalar loop tail)
+PAD = 16
 
 
 @functools.cache
 def tables():
-    """``(glev int32 [2048*8] levels 0..2, kmap int32, nbr int32 lists, nbcode int32)``.
+    """``(glev, kmap, plist, pcode)`` for the kernels.
 
-    ``nbcode[p]`` is the 2-bit-field code of grid point ``nbr[p]`` for list entries."""
+    ``glev``: int32 ``[2048*8]`` grid levels 0..2.  ``kmap``: ggml's kmap, except that an
+    off-grid point refers to its list in ``plist`` as ``-(start + 1)``: ``plist[start]`` is
+    ggml's neighbour count ``cnt``, ``plist[start + PAD + j]`` (j < cnt) the neighbours in
+    ggml's order, padded with zeros to a multiple of ``PAD`` entries; ``pcode`` holds the
+    neighbours' 2-bit-field codes at the same places.  Only points whose fields are all
+    0..2 (the only ones the quantizers form) get a list; the others get the empty list 0."""
     t = iq2_tables("IQ1_S")
     glev = ((t.grid.astype(np.int32) - 1) // 2).reshape(-1, 8)
     gcode = (glev << (2 * np.arange(8, dtype=np.int32))).sum(axis=1).astype(np.int32)
-    nbr = t.neighbours.astype(np.int32)
-    nbcode = gcode[nbr.clip(0, gcode.size - 1)]
+    u = np.arange(t.kmap.size)
+    reach = (((u[:, None] >> (2 * np.arange(8))) & 3) <= 2).all(axis=1)
+    off = np.flatnonzero((t.kmap < 0) & reach)
+    starts = -t.kmap[off].astype(np.int64) - 1
+    cnt = t.neighbours[starts].astype(np.int64)
+    cpad = (cnt + PAD - 1) // PAD * PAD
+    pst = PAD + np.concatenate(([0], np.cumsum(PAD + cpad)[:-1]))
+    plist = np.zeros(int(pst[-1] + PAD + cpad[-1]), np.int32)
+    pcode = np.zeros_like(plist)
+    kmap = np.where(t.kmap >= 0, t.kmap, -1).astype(np.int32)  # -1: the empty list at 0
+    for k in range(off.size):
+        lst = t.neighbours[starts[k] + 1 : starts[k] + 1 + cnt[k]].astype(np.int32)
+        plist[pst[k]] = cnt[k]
+        plist[pst[k] + PAD : pst[k] + PAD + cnt[k]] = lst
+        pcode[pst[k] + PAD : pst[k] + PAD + cnt[k]] = gcode[lst]
+        kmap[off[k]] = -(pst[k] + 1)
     return (
         np.ascontiguousarray(glev.reshape(-1)),
-        np.ascontiguousarray(t.kmap, dtype=np.int32),
-        np.ascontiguousarray(nbr),
-        np.ascontiguousarray(nbcode, dtype=np.int32),
+        kmap,
+        plist,
+        pcode,
     )
 
 
@@ -82,9 +106,15 @@ def _lev(v0, v1, v2, c):
 
 
 @njit(**_JIT)
-def _neighbour2(nbr, nbcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2):
+def _neighbour2(plist, pcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2):
     """``iq1_find_best_neighbour2`` for the group ``xb[o + i*stride]`` (i < 8): grid index, or
-    -1 where no neighbour has an error below FLT_MAX (ggml then aborts)."""
+    -1 where no neighbour has an error below FLT_MAX (ggml then aborts).
+
+    The error of a neighbour is ``0 + t[0][l0] + t[1][l1] + ... + t[7][l7]`` (C order) with
+    ``t[i][l] = w_i*diff*diff`` for level l.  With no negative term (weights >= 0) every
+    error is >= +0, so its float bits order like integers and the first strict minimum is
+    the minimum of ``bits << 32 | position``: one vectorizable integer reduction."""
+    neg = False
     for i in range(8):
         xv = xb[o + i * stride]
         wv = wb[o + i * stride]
@@ -94,7 +124,10 @@ def _neighbour2(nbr, nbcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2)
         t[3 * i + 1] = (wv * diff) * diff
         diff = scale * q2 - xv
         t[3 * i + 2] = (wv * diff) * diff
-    cnt = nbr[start]
+        neg |= (t[3 * i] < _Z) | (t[3 * i + 1] < _Z) | (t[3 * i + 2] < _Z)
+    cnt = plist[start]
+    cp = (cnt + PAD - 1) // PAD * PAD
+    codes = pcode[start + PAD : start + PAD + cp]  # a view: no negative-index handling inside the loop
     t00, t01, t02 = t[0], t[1], t[2]
     t10, t11, t12 = t[3], t[4], t[5]
     t20, t21, t22 = t[6], t[7], t[8]
@@ -103,8 +136,25 @@ def _neighbour2(nbr, nbcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2)
     t50, t51, t52 = t[15], t[16], t[17]
     t60, t61, t62 = t[18], t[19], t[20]
     t70, t71, t72 = t[21], t[22], t[23]
+    if not neg:
+        bestkey = _KEY_NONE
+        for j in range(cp):
+            c = codes[j]
+            a = _Z + _lev(t00, t01, t02, c & 3)
+            a += _lev(t10, t11, t12, (c >> 2) & 3)
+            a += _lev(t20, t21, t22, (c >> 4) & 3)
+            a += _lev(t30, t31, t32, (c >> 6) & 3)
+            a += _lev(t40, t41, t42, (c >> 8) & 3)
+            a += _lev(t50, t51, t52, (c >> 10) & 3)
+            a += _lev(t60, t61, t62, (c >> 12) & 3)
+            a += _lev(t70, t71, t72, (c >> 14) & 3)
+            key = (np.int64(_f32_bits(a)) << 32) | j if (a < _FLT_MAX) & (j < cnt) else _KEY_NONE
+            bestkey = min(bestkey, key)
+        if bestkey == _KEY_NONE:
+            return -1
+        return plist[start + PAD + (bestkey & 0xFFFFFFFF)]
     for j in range(cnt):
-        c = nbcode[start + 1 + j]
+        c = codes[j]
         a = _Z + _lev(t00, t01, t02, c & 3)
         a += _lev(t10, t11, t12, (c >> 2) & 3)
         a += _lev(t20, t21, t22, (c >> 4) & 3)
@@ -119,7 +169,7 @@ def _neighbour2(nbr, nbcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2)
     for j in range(cnt):
         if d2[j] < best:
             best = d2[j]
-            gi = nbr[start + 1 + j]
+            gi = plist[start + PAD + j]
     return gi
 
 
@@ -136,8 +186,52 @@ def _ranks(X, R, bs):
                 R[j * NL + s] += np.int32(not c)
 
 
+@njit(inline="always", **_JIT)
+def _load(x, qw, n, use_qw, t0, nl, BS, X, W, amax, wl, sig):
+    """Tile ``t0`` (``nl`` sub-blocks of ``BS`` values) into the lane layout: values ``X``,
+    weights ``W`` (``qw*sqrtf(sigma2 + x*x)``, or ``x*x`` without quant weights), ``amax``.
+    Lanes past ``nl`` are zeros.  ``sigma2 = 2*sum(x*x)/256`` per super-block, sequential."""
+    SPB = QK_K // BS
+    base = t0 * BS
+    if use_qw:
+        nsup = (nl + SPB - 1) // SPB
+        for b in range(nsup):
+            sig[b] = _Z
+        for e in range(QK_K):  # the super-blocks' sums are independent chains
+            for b in range(nsup):
+                v = x[base + b * QK_K + e]
+                sig[b] += v * v
+        for b in range(nsup):
+            sig[b] = (F32(2.0) * sig[b]) / F32(256.0)
+    for s in range(NL):
+        if s < nl:
+            o = base + s * BS
+            if use_qw:
+                col = ((t0 + s) * BS) % n
+                sg = sig[s // SPB]
+                for i in range(BS):
+                    v = x[o + i]
+                    wl[i] = qw[col + i] * np.sqrt(sg + v * v)
+            else:
+                for i in range(BS):
+                    v = x[o + i]
+                    wl[i] = v * v
+            m = _Z
+            for i in range(BS):
+                v = x[o + i]
+                X[i * NL + s] = v
+                W[i * NL + s] = wl[i]
+                m = max(m, abs(v))
+            amax[s] = m
+        else:
+            for i in range(BS):
+                X[i * NL + s] = _Z
+                W[i * NL + s] = _Z
+            amax[s] = _Z
+
+
 @njit(**_JIT)
-def _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out):
+def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
     """IQ1_S bytes of the flat rows ``x`` (whole rows of length ``n``) with quant weights ``qw``.
 
     Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
@@ -158,6 +252,7 @@ def _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out):
     b2 = np.empty(NL, np.int32)
     shf = np.empty(NL, np.int32)
     sig = np.empty(NL // 8, F32)
+    wl = np.empty(BS, F32)
     fscale = np.empty(NL, F32)
     fshift = np.empty(NL, np.int32)
     L = np.empty(BS, np.int32)
@@ -167,29 +262,7 @@ def _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out):
     for t0 in range(0, nsb, NL):
         nl = min(NL, nsb - t0)
         nsup = (nl + 7) // 8
-        base = t0 * BS
-        for s in range(NL):
-            if s < nl:
-                for i in range(BS):
-                    X[i * NL + s] = x[base + s * BS + i]
-            else:
-                for i in range(BS):
-                    X[i * NL + s] = _Z
-        for b in range(nsup):
-            acc = _Z
-            for e in range(QK_K):
-                v = x[base + b * QK_K + e]
-                acc += v * v
-            sig[b] = (F32(2.0) * acc) / F32(256.0)
-        for s in range(NL):
-            col = ((t0 + s) * BS) % n
-            sg = sig[s // 8] if s < nl else _Z
-            m = _Z
-            for i in range(BS):
-                v = X[i * NL + s]
-                W[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v) if s < nl else _Z
-                m = max(m, abs(v))
-            amax[s] = m
+        _load(x, qw, n, True, t0, nl, BS, X, W, amax, wl, sig)
         # stable sort positions, then prefix sums of w*x and w in sorted order
         _ranks(X, R, BS)
         for s in range(NL):
@@ -289,7 +362,7 @@ def _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out):
                 gi = kmap[u]
                 if gi < 0:
                     moved = True
-                    gi = _neighbour2(nbr, nbcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                    gi = _neighbour2(plist, pcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
                     if gi < 0:
                         return g
                 idx[k] = gi
@@ -335,7 +408,7 @@ def _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out):
 
 
 @njit(**_JIT)
-def _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out):
+def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
     """IQ1_M bytes of the flat rows ``x`` (whole rows of length ``n`` when ``use_qw``; any
     whole super-blocks otherwise).  Returns -1, or the index of a sub-block where ggml's
     neighbour search finds no candidate (ggml aborts there): then ``out`` is incomplete."""
@@ -358,6 +431,7 @@ def _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out):
     b2 = np.empty(NL, np.int32)
     bk = np.empty(NL, np.int32)
     sig = np.empty(NL // 16, F32)
+    wl = np.empty(BS, F32)
     fscale = np.empty(NL, F32)
     fshift = np.empty(NL, np.int32)
     fidx = np.empty(2 * NL, np.int32)
@@ -367,36 +441,7 @@ def _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out):
     for t0 in range(0, nsb, NL):
         nl = min(NL, nsb - t0)
         nsup = (nl + 15) // 16
-        base = t0 * BS
-        for s in range(NL):
-            if s < nl:
-                for i in range(BS):
-                    X[i * NL + s] = x[base + s * BS + i]
-            else:
-                for i in range(BS):
-                    X[i * NL + s] = _Z
-        if use_qw:
-            for b in range(nsup):
-                acc = _Z
-                for e in range(QK_K):
-                    v = x[base + b * QK_K + e]
-                    acc += v * v
-                sig[b] = (F32(2.0) * acc) / F32(256.0)
-        for s in range(NL):
-            m = _Z
-            if use_qw:
-                col = ((t0 + s) * BS) % n
-                sg = sig[s // 16] if s < nl else _Z
-                for i in range(BS):
-                    v = X[i * NL + s]
-                    W[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v) if s < nl else _Z
-                    m = max(m, abs(v))
-            else:
-                for i in range(BS):
-                    v = X[i * NL + s]
-                    W[i * NL + s] = v * v
-                    m = max(m, abs(v))
-            amax[s] = m
+        _load(x, qw, n, use_qw, t0, nl, BS, X, W, amax, wl, sig)
         # stable sort positions; prefix sums of w*x and w per half of the sub-block
         _ranks(X, R, BS)
         for s in range(NL):
@@ -527,7 +572,7 @@ def _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out):
                 gi = kmap[u]
                 if gi < 0:
                     moved = True
-                    gi = _neighbour2(nbr, nbcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                    gi = _neighbour2(plist, pcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
                     if gi < 0:
                         return t0 + s
                 fidx[2 * s + k] = gi
@@ -614,12 +659,12 @@ def _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out):
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ1_S / IQ1_M of the flat rows ``x`` into ``out``."""
-    glev, kmap, nbr, nbcode = tables()
+    glev, kmap, plist, pcode = tables()
     if name == "IQ1_S":
         if not use_qw:
             raise ValueError("IQ1_S needs quant weights (ggml asserts)")
-        bad = _kiq1_s(x, n, qw, kmap, nbr, nbcode, glev, out)
+        bad = _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out)
     else:
-        bad = _kiq1_m(x, n, qw, use_qw, kmap, nbr, nbcode, glev, out)
+        bad = _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out)
     if bad >= 0:
         raise ArithmeticError(f"{name}: sub-block {bad} has no grid neighbour with a finite error (ggml aborts here)")
