@@ -59,7 +59,7 @@ def tables(name: str):
     # the same levels in chunks of 8 candidates: [chunk][coordinate][8], padded with level 0
     starts = np.flatnonzero(is_len)
     counts = nbr[starts].astype(np.int64)
-    nch = -(-counts // 8)
+    nch = 2 * -(-counts // 16)  # chunks of 8, in pairs
     voff = np.zeros(nbr.size, np.int64)
     voff[starts] = 32 * np.concatenate(([0], np.cumsum(nch)[:-1]))
     vidx = np.zeros(32 * int(nch.sum()), np.int32)
@@ -120,14 +120,15 @@ def _splat(builder, val, vt):
 
 @intrinsic
 def _best8(typingctx, xval, waux, o, scale, vidx, off, cnt):
-    """AVX2 form of the neighbour search (x86-64 only): ``(bits(d2) << 8) | j`` of the first
-    candidate j of least distance below FLT_MAX, or ``2**63 - 1``.
+    """AVX2 form of the neighbour search (x86-64 only): the position j in the list of the
+    first candidate of least distance below FLT_MAX, or -1.
 
     The 4 x 8 terms ``waux*diff*diff`` are four 8-float vectors (the C operations lane by
     lane, no contraction); ``vpermps`` picks each candidate's term of every coordinate, 8
-    candidates at a time, and the four are added in C's order.  Distances are non-negative,
-    so their bit patterns order like their values and the smallest key is C's choice (first
-    index on ties; NaN and values >= FLT_MAX excluded as C's strict ``<`` does).
+    candidates at a time, and the four are added in C's order.  Lane k of the running
+    minimum sees candidates k, k+8, k+16, ... in order and keeps the first smallest below
+    FLT_MAX (C's strict ``<``: NaN never taken); the result is the smallest index among the
+    lanes holding the overall minimum.  ``vidx`` lists are padded to 16 candidates.
     """
     sig = types.int64(xval, waux, types.int64, types.float32, vidx, types.int64, types.int64)
 
@@ -136,7 +137,7 @@ def _best8(typingctx, xval, waux, o, scale, vidx, off, cnt):
         mod = builder.module
         permps = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f, _v8i]), "llvm.x86.avx2.permps")
         fmin = cgutils.get_or_insert_function(mod, ir.FunctionType(_f32t, [_v8f]), "llvm.vector.reduce.fmin.v8f32")
-        cttz = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [_i32t, _i1t]), "llvm.cttz.i32")
+        umin = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [_v8i]), "llvm.vector.reduce.umin.v8i32")
         xarr = context.make_array(signature.args[0])(context, builder, xv)
         warr = context.make_array(signature.args[1])(context, builder, wv)
         iarr = context.make_array(signature.args[4])(context, builder, va)
@@ -148,42 +149,47 @@ def _best8(typingctx, xval, waux, o, scale, vidx, off, cnt):
             wi = builder.load(builder.gep(warr.data, [at]))
             diff = builder.fsub(sq, _splat(builder, xi, _v8f))
             T.append(builder.fmul(builder.fmul(_splat(builder, wi, _v8f), diff), diff))
+        cnt32 = _splat(builder, builder.trunc(cnt_, _i32t), _v8i)
+        fltmax = ir.Constant(_v8f, [float(_FLT_MAX)] * 8)
+        lanes = ir.Constant(_v8i, list(range(8)))
         entry = builder.block
         loop = builder.append_basic_block("iq3_chunk")
         done = builder.append_basic_block("iq3_done")
         builder.branch(loop)
         builder.position_at_end(loop)
-        c = builder.phi(_i64t)
-        best = builder.phi(_i64t)
+        c = builder.phi(_i64t)  # candidates done (multiple of 16)
+        bv = builder.phi(_v8f)
+        bi = builder.phi(_v8i)
         c.add_incoming(ir.Constant(_i64t, 0), entry)
-        best.add_incoming(ir.Constant(_i64t, _NOKEY), entry)
-        base = builder.add(off_, builder.mul(c, ir.Constant(_i64t, 32)))
-        terms = []
-        for i in range(4):
-            p = builder.gep(iarr.data, [builder.add(base, ir.Constant(_i64t, 8 * i))])
-            idx = builder.load(builder.bitcast(p, _v8i.as_pointer()), align=4)
-            terms.append(builder.call(permps, [T[i], idx]))
-        d = builder.fadd(builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]), terms[3])
-        c8 = builder.trunc(builder.mul(c, ir.Constant(_i64t, 8)), _i32t)
-        lane = builder.add(ir.Constant(_v8i, list(range(8))), _splat(builder, c8, _v8i))
-        valid = builder.icmp_signed("<", lane, _splat(builder, builder.trunc(cnt_, _i32t), _v8i))
-        ok = builder.and_(valid, builder.fcmp_ordered("<", d, ir.Constant(_v8f, [float(_FLT_MAX)] * 8)))
-        dm = builder.select(ok, d, ir.Constant(_v8f, [float("inf")] * 8))
-        mn = builder.call(fmin, [dm])
-        eq = builder.and_(ok, builder.fcmp_ordered("==", dm, _splat(builder, mn, _v8f)))
-        j = builder.call(cttz, [builder.zext(builder.bitcast(eq, _i8t), _i32t), ir.Constant(_i1t, 0)])
-        key = builder.or_(
-            builder.shl(builder.zext(builder.bitcast(mn, _i32t), _i64t), ir.Constant(_i64t, 8)),
-            builder.zext(builder.add(c8, j), _i64t),
-        )
-        key = builder.select(builder.fcmp_ordered("<", mn, ir.Constant(_f32t, float("inf"))), key, ir.Constant(_i64t, _NOKEY))
-        nb = builder.select(builder.icmp_signed("<", key, best), key, best)
-        c1 = builder.add(c, ir.Constant(_i64t, 1))
+        bv.add_incoming(fltmax, entry)
+        bi.add_incoming(ir.Constant(_v8i, [-1] * 8), entry)
+        cur_v, cur_i = bv, bi
+        for h in range(2):
+            first = builder.add(c, ir.Constant(_i64t, 8 * h))
+            base = builder.add(off_, builder.mul(first, ir.Constant(_i64t, 4)))
+            terms = []
+            for i in range(4):
+                p = builder.gep(iarr.data, [builder.add(base, ir.Constant(_i64t, 8 * i))])
+                idx = builder.load(builder.bitcast(p, _v8i.as_pointer()), align=4)
+                terms.append(builder.call(permps, [T[i], idx]))
+            d = builder.fadd(builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]), terms[3])
+            lane = builder.add(lanes, _splat(builder, builder.trunc(first, _i32t), _v8i))
+            upd = builder.and_(builder.icmp_signed("<", lane, cnt32), builder.fcmp_ordered("<", d, cur_v))
+            cur_v = builder.select(upd, d, cur_v)
+            cur_i = builder.select(upd, lane, cur_i)
+        c1 = builder.add(c, ir.Constant(_i64t, 16))
         c.add_incoming(c1, builder.block)
-        best.add_incoming(nb, builder.block)
-        builder.cbranch(builder.icmp_signed("<", builder.mul(c1, ir.Constant(_i64t, 8)), cnt_), loop, done)
+        bv.add_incoming(cur_v, builder.block)
+        bi.add_incoming(cur_i, builder.block)
+        builder.cbranch(builder.icmp_signed("<", c1, cnt_), loop, done)
         builder.position_at_end(done)
-        return nb
+        mn = builder.call(fmin, [cur_v])
+        hit = builder.and_(
+            builder.fcmp_ordered("==", cur_v, _splat(builder, mn, _v8f)), builder.icmp_signed(">=", cur_i, ir.Constant(_v8i, [0] * 8))
+        )
+        j = builder.call(umin, [builder.select(hit, cur_i, ir.Constant(_v8i, [-1] * 8))])
+        found = builder.icmp_signed(">=", j, ir.Constant(_i32t, 0))  # -1 as unsigned is the largest
+        return builder.select(found, builder.sext(j, _i64t), ir.Constant(_i64t, -1))
 
     return sig, codegen
 
@@ -191,10 +197,10 @@ def _best8(typingctx, xval, waux, o, scale, vidx, off, cnt):
 @njit(inline="always", **_JIT)
 def _search_avx2(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
     """``_search_scalar`` with the candidate loop in AVX2 vectors (same result)."""
-    key = _best8(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
-    if key == _NOKEY:
+    j = _best8(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
+    if j < 0:
         return -1
-    return start + 1 + (key & 255)
+    return start + 1 + j
 
 
 def _make_kernel(search):
