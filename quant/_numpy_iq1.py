@@ -84,6 +84,13 @@ def _tables():
     return levels, t.kmap.astype(np.intp), row, pad
 
 
+def _qsort_order(xs: np.ndarray) -> np.ndarray:
+    """The order glibc's ``qsort`` leaves ``(value, index)`` pairs in when the comparator
+    looks at the value only: a merge sort for these sizes, so stable (ties keep index order;
+    -0.0 and +0.0 compare equal)."""
+    return np.argsort(xs + F32(0), axis=1, kind="stable")
+
+
 def _split_search(xs, w, amax, eps, per_half):
     """The exhaustive 3-level split search of one sub-block per row of ``xs``.
 
@@ -93,7 +100,7 @@ def _split_search(xs, w, amax, eps, per_half):
     0..2 (already mirrored where the best scale was negative).
     """
     m, n = xs.shape
-    order = np.argsort(xs + F32(0), axis=1, kind="stable")  # -0.0 == +0.0 for qsort too
+    order = _qsort_order(xs)
     xo = np.take_along_axis(xs, order, axis=1)
     wo = np.take_along_axis(w, order, axis=1)
     best = np.full(m, -_FLT_MAX, F32)
