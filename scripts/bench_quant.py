@@ -36,6 +36,8 @@ ALL_TYPES = [
     "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0",
     "IQ3_XXS", "IQ3_S",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S",
+    "IQ1_S", "IQ1_M",
 ]
 
 
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
     xw = make_weights(4, 512, 1)
     for b in backends:
         for t in types:
-            quant.quantize(xw, t, backend=b, threads=1)
+            if not quant.QTYPES[t].requires_imatrix:
+                quant.quantize(xw, t, backend=b, threads=1)
             quant.quantize(xw, t, imatrix=make_imatrix(512, 1), backend=b, threads=1)
     print(f"warm-up (JIT compile or cache load): {time.perf_counter() - t0:.1f} s")
 
@@ -161,6 +164,8 @@ def main(argv=None) -> int:
             variants = [False, True] if args.imatrix == "both" else [args.imatrix == "only"]
             if not quant.QTYPES[t].uses_imatrix:  # Q8_0, MXFP4: ggml ignores the imatrix
                 variants = [False] if args.imatrix != "only" else []
+            if quant.QTYPES[t].requires_imatrix:  # IQ2_XXS, IQ2_XS, IQ1_S: ggml refuses them without one
+                variants = [True] if args.imatrix != "no" else []
             for use in variants:
                 qw = qw_full if use else None
                 tc, ref = best_time(lambda: ggml_chunked(f, t, x, qw, pool, nthreads), args.repeat)
