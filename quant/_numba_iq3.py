@@ -29,7 +29,8 @@ from ._numpy_iq3 import too_large
 
 F32 = np.float32
 QK_K = 256
-NL = 64  # lanes (sub-blocks) per tile; a multiple of 8
+NL = 64  # lanes (sub-blocks) per tile; a power of two, at least 8
+_NLB = NL.bit_length() - 1
 
 _Z = F32(0.0)
 _ONE = F32(1.0)
@@ -238,6 +239,7 @@ def _make_kernel(search):
         lsc = np.empty(8, np.int64)
         T = np.empty(32, F32)
         mlist = np.empty(8 * NL, np.int64)
+        ucode = np.empty(8 * NL, np.int32)
         for t0 in range(0, nsb, SB):
             nb = min(SB, nsb - t0)
             nv = nb * 8
@@ -331,18 +333,19 @@ def _make_kernel(search):
                 for k in range(8):
                     for s in range(NL):
                         p = 4 * k * NL + s
-                        u = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
-                        gidx[k * NL + s] = kmap[u]
+                        ucode[k * NL + s] = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
                 nm = 0  # off-grid groups, listed without branches
                 for e in range(8 * NL):
-                    miss = gidx[e] < 0
+                    g = kmap[ucode[e]]
+                    gidx[e] = g
+                    miss = g < 0
                     on_aux[e] = not miss
                     mlist[nm] = e
-                    nm += miss & live[e % NL]
+                    nm += miss & live[e & (NL - 1)]
                 for m in range(nm):
                     e = mlist[m]
-                    s = e % NL
-                    o = 4 * (e // NL) * NL + s
+                    s = e & (NL - 1)
+                    o = 4 * (e >> _NLB) * NL + s
                     g = search(nbr, cidx, vidx, voff, -gidx[e] - 1, T, xval, waux, o, tsc[s])
                     if g < 0:
                         return t0 * 8 + s
