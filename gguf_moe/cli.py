@@ -209,6 +209,22 @@ def _tensor_type_file_callback(ctx, param, value):
     return _tensor_types(text.split())
 
 
+def _prune_callback(ctx, param, value):
+    """llama-quantize's ``--prune-layers``: comma-separated non-negative layer numbers (read
+    like C's stoi), sorted, duplicates dropped."""
+    if value is None:
+        return ()
+    import re
+
+    out = set()
+    for item in value.split(","):
+        m = re.match(r"[ \t\n\v\f\r]*[+-]?[0-9]+", item)
+        if m is None or int(m.group(0)) < 0:
+            raise click.BadParameter(f"invalid layer id {item!r}")
+        out.add(int(m.group(0)))
+    return tuple(sorted(out))
+
+
 def _kv_override_callback(ctx, param, value):
     from gguf_moe.options import parse_kv_override
 
@@ -539,11 +555,15 @@ def _write_card(model, hub, plans, written, split, outdir: Path, force: bool, ev
     "--allow-requantize", is_flag=True,
     help="Quantize tensors that are already quantized (loses quality; as llama-quantize --allow-requantize).",
 )  # fmt: skip
+@click.option(
+    "--prune-layers", metavar="L0,L1,...", callback=_prune_callback,
+    help="Leave these layers out and renumber the others (as llama-quantize --prune-layers).",
+)  # fmt: skip
 @_quant_options
 @_override_options
 @_publish_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
-def quantize(src, dst, type_, dry_run, force, allow_requantize, threads, backend, imatrix, quiet, split_max_size,
+def quantize(src, dst, type_, dry_run, force, allow_requantize, prune_layers, threads, backend, imatrix, quiet, split_max_size,
              split_max_tensors, no_space_check, **ov):  # fmt: skip
     """Quantize an F32/F16/BF16 GGUF file SRC to TYPE, as llama-quantize does.  SRC may be a
     split set (its first shard, or any shard)."""
@@ -553,14 +573,17 @@ def quantize(src, dst, type_, dry_run, force, allow_requantize, threads, backend
     split = _split_spec(split_max_size, split_max_tensors)
     opts = _make_options(
         imatrix, ov, force=force, backend=backend, threads=threads, split=split, space_check=not no_space_check,
-        allow_requantize=allow_requantize,
+        allow_requantize=allow_requantize, prune_layers=prune_layers,
     )  # fmt: skip
     if not dry_run and split is None:
         check_output_free(dst, force)
     plan = qz.plan_quantize(src, type_, None if dry_run else dst, opts)
     _warn([plan])
     if dry_run:
-        _print_plan(f"input: {src} ({plan.arch}, {len(plan.tensors)} tensors)", [plan], opts.imatrix)
+        _print_plan(
+            f"input: {src} ({plan.arch}, {len(plan.tensors)} tensors)", [plan],
+            qz._renamed_imatrix(opts.imatrix, plan.renamed),
+        )  # fmt: skip
         _print_split([plan], split, Path(dst).stem)
         return
     with _progress(quiet, "quantize") as prog:

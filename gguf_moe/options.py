@@ -53,6 +53,8 @@ class Options:
     recipe: bool = True
     # quantize only: quantize tensors that are already quantized (llama-quantize --allow-requantize)
     allow_requantize: bool = False
+    # quantize only: layers to leave out, the others renumbered (llama-quantize --prune-layers)
+    prune_layers: tuple[int, ...] = ()
     #: llama-quantize's --override-kv, applied in order after general.file_type
     kv_overrides: tuple[KVOverride, ...] = ()
     #: write each output as a llama-gguf-split set (``split.SplitSpec``), or one file (None)

@@ -14,6 +14,7 @@ not be quantized, or already have the chosen type, are copied as they are.
 from __future__ import annotations
 
 import mmap
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,41 @@ class QuantizePlan(OutputPlan):
     #: the input's tensors (of every shard of a split set), in its order
     src_tensors: list = field(default_factory=list, repr=False)
     readers: list = field(default_factory=list, repr=False)
+    #: ``--prune-layers``: output name -> input name of the renumbered tensors; the new
+    #: block count (written last, as llama-quantize does), or None without pruning
+    renamed: dict[str, str] = field(default_factory=dict)
+    block_count: int | None = None
+
+
+_BLK_NUM = re.compile(r"blk\.(\d+)\.")
+
+
+def prune_names(names: list[str], prune: tuple[int, ...]) -> tuple[dict[str, str | None], int]:
+    """llama-quantize's ``--prune-layers`` renumbering (``remap_layer``), over ``names`` in
+    llama.cpp's order: {input name: output name, or None when its layer is pruned}, and the
+    new block count.  Layers below the first pruned one keep their number; the others are
+    numbered on from there, in the order met."""
+    mapped: dict[int, str] = {}
+    next_id = 0
+    out: dict[str, str | None] = {}
+    for name in names:
+        m = _BLK_NUM.search(name)
+        if not prune or m is None:
+            out[name] = name
+            continue
+        blk = int(m.group(1))
+        if blk not in mapped:
+            if blk in prune:
+                mapped[blk] = ""
+            elif blk < prune[0]:
+                mapped[blk] = str(blk)
+                next_id = blk + 1
+            else:
+                mapped[blk] = str(next_id)
+                next_id += 1
+        new = mapped[blk]
+        out[name] = None if not new else name[: m.start(1)] + new + name[m.end(1) :]
+    return out, next_id
 
 
 def _field_value(f: gguf.ReaderField):
@@ -115,6 +151,11 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
         shape = tuple(reversed(ne[: n_dims(tuple(reversed(ne)))]))
         infos.append((rt.name, shape, T(rt.tensor_type), rt))
     infos.sort(key=lambda x: llama_sort_key(x[0]))
+    renamed, block_count = {}, None
+    if opts.prune_layers:
+        names, block_count = prune_names([n for n, *_ in infos], opts.prune_layers)
+        infos = [(names[n], s, cur, rt) for n, s, cur, rt in infos if names[n] is not None]
+        renamed = {n: rt.name for n, _, _, rt in infos if n != rt.name}
     source_types = {n: cur for n, _, cur, _ in infos}
     planned, warnings = plan_tensors(
         [(n, s) for n, s, _, _ in infos], pre, n_expert=n_expert, n_layer=n_layer, arch=arch,
@@ -133,7 +174,7 @@ def plan_quantize(src: str | Path, preset: Preset | str, dst: str | Path | None 
     return QuantizePlan(
         pre, None if dst is None else Path(dst), planned, warnings,
         src=src, arch=arch, source_types=[cur for _, _, cur, _ in infos], reader=reader,
-        src_tensors=src_tensors, readers=readers,
+        src_tensors=src_tensors, readers=readers, renamed=renamed, block_count=block_count,
     )  # fmt: skip
 
 
@@ -152,6 +193,10 @@ def _writer(plan: QuantizePlan, opts: Options) -> gguf.GGUFWriter:
     apply_kv_overrides(w, opts.kv_overrides)
     if opts.imatrix is not None:
         add_imatrix_kvs(w, opts.imatrix)
+    if plan.block_count is not None:  # gguf_set_val_u32: moved to the end
+        key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=plan.arch)
+        w.kv_data[0].pop(key, None)
+        w.add_uint32(key, plan.block_count)
     align = fields.get(gguf.Keys.General.ALIGNMENT)
     if align is not None:  # the copied key must describe the file we write
         w.data_alignment = int(align.contents())
@@ -168,9 +213,10 @@ def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> 
         raise GgufMoeError("internal error: the plan has no output path")
     if opts.split is None:
         check_output_free(plan.path, opts.force)
-    check_imatrix(plan, opts.imatrix)
+    imatrix = _renamed_imatrix(opts.imatrix, plan.renamed)
+    check_imatrix(plan, imatrix)
     progress = opts.progress_or_null()
-    src, imatrix = plan.src, opts.imatrix
+    src = plan.src
     by_name = {rt.name: rt for rt in (plan.src_tensors or plan.reader.tensors)}
     sw = open_output(plan.path, _writer(plan, opts), force=opts.force, split=opts.split)
     sw.check_free()
@@ -179,11 +225,11 @@ def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> 
     mms = [m for m in (getattr(r.data, "_mmap", None) for r in (plan.readers or [plan.reader])) if m is not None]
     try:
         sw.open()
-        progress.start(sum(int(by_name[t.name].n_bytes) for t in plan.tensors), len(plan.tensors))
+        progress.start(sum(int(by_name[plan.renamed.get(t.name, t.name)].n_bytes) for t in plan.tensors), len(plan.tensors))
         for i, (t, cur) in enumerate(zip(plan.tensors, plan.source_types)):
             progress.tensor(t.name, i)
             sw.begin_tensor(t.name)
-            rt = by_name[t.name]
+            rt = by_name[plan.renamed.get(t.name, t.name)]
             raw = np.asarray(rt.data).reshape(-1).view(np.uint8)
             if raw.nbytes != int(rt.n_bytes):
                 raise CorruptFile(f"{src}: tensor {t.name} is truncated ({raw.nbytes} of {int(rt.n_bytes)} bytes)")
@@ -203,6 +249,18 @@ def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> 
     except BaseException:
         sw.abort()
         raise
+
+
+def _renamed_imatrix(im, renamed: dict[str, str]):
+    """The imatrix as seen under the output's names (``--prune-layers``: llama-quantize looks
+    each renumbered tensor up under its input name, ``remap_imatrix``)."""
+    if im is None or not renamed:
+        return im
+    from gguf_moe.imatrix import Imatrix
+
+    entries = {n: w for n, w in im.entries.items() if n not in renamed and n not in renamed.values()}
+    entries.update({new: im.entries[old] for new, old in renamed.items() if old in im.entries})
+    return Imatrix(im.path, entries, list(im.datasets), im.chunk_count, im.is_legacy)
 
 
 def _requantize_tensor(sw, t: PlannedTensor, cur: T, raw: np.ndarray, src: Path, imatrix, opts: Options, progress):

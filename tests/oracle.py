@@ -117,6 +117,7 @@ def llama_model_quantize(
     leave_output_tensor: bool = False,
     allow_requantize: bool = False,
     kv_overrides: list | tuple = (),
+    prune_layers: list | tuple = (),
     check: bool = True,
 ) -> int:
     """The real llama-quantize on a whole file (``ftype`` = llama_ftype number); returns
@@ -129,7 +130,8 @@ def llama_model_quantize(
     llama-quantize lower-cases the pattern before this point), ``output_tensor_type`` /
     ``token_embedding_type`` type names, ``pure``, ``leave_output_tensor``
     (``quantize_output_tensor = false``), ``allow_requantize``; ``kv_overrides``
-    [(key, "int" | "float" | "bool" | "str", value)] as ``--override-kv`` fills them.
+    [(key, "int" | "float" | "bool" | "str", value)] as ``--override-kv`` fills them;
+    ``prune_layers`` sorted layer numbers (``--prune-layers``).
     """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -180,6 +182,10 @@ def llama_model_quantize(
         kvo[len(kv_overrides)].key = b""
         keep.append(kvo)
         params.kv_overrides = kvo
+    if prune_layers:
+        pl = (ctypes.c_int32 * (len(prune_layers) + 1))(*prune_layers, -1)
+        keep.append(pl)
+        params.prune_layers = ctypes.cast(pl, ctypes.POINTER(ctypes.c_int32))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if check:
         assert rc == 0, f"llama_model_quantize({Path(src).name} -> ftype {ftype}) failed"

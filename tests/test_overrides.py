@@ -288,3 +288,33 @@ def test_override_kv(merges, tmp_path):
     for bad in ("general.name", "x=long:3", "x=bool:yes", "x=str:" + "a" * 128):
         r = invoke("quantize", m["bf16"], tmp_path / "bad.gguf", "Q4_K_M", "--override-kv", bad)
         assert r.exit_code == 2 and "KV override" in r.output and not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.parametrize("preset,prune,with_imatrix", [("Q4_K_M", [1], False), ("Q4_K_M", [0, 3], False),
+                                                       ("IQ4_XS", [2], True)])  # fmt: skip
+def test_prune_layers(tmp_path_factory, tmp_path, preset, prune, with_imatrix):
+    """quantize --prune-layers: the layers left out, the others renumbered, block_count set
+    last; types follow the new names with the old layer count; the imatrix is looked up
+    under the old names.  Byte-identical to llama_model_quantize with prune_layers."""
+    from test_vs_llama_quantize_iq import imatrix_for
+
+    d = tmp_path_factory.getbasetemp() / "prune4"
+    if not (d / "bf16.gguf").exists():
+        src = make_model(d / "m", layout="fused", n_layer=4, n_expert=4, ff=256, seed=34)
+        ok("convert", src, "-t", "BF16", "-o", d / "bf16.gguf", "-q")
+    bf16 = d / "bf16.gguf"
+    args, weights = [], None
+    if with_imatrix:
+        weights = imatrix_for(bf16, tmp_path / "im.gguf", seed=9)
+        args = ["--imatrix", tmp_path / "im.gguf"]
+    ref = tmp_path / "ref.gguf"
+    llama_model_quantize(bf16, ref, get_preset(preset).file_type, prune_layers=prune, imatrix=weights)
+    h = read_header(ref)
+    assert h.kv("llama.block_count") == 4 - len(prune) and list(h.kvs)[-1] == "llama.block_count"
+    out = tmp_path / "out.gguf"
+    ok("quantize", bf16, out, preset, "-q", "--prune-layers", ",".join(map(str, prune)), *args)
+    compare(out, ref, extra_kvs="quantize.imatrix.")
+    if not with_imatrix:
+        assert sha256(out) == sha256(ref)
+    r = invoke("quantize", bf16, tmp_path / "x.gguf", preset, "--prune-layers", "1,-2")
+    assert r.exit_code == 2 and "invalid layer id" in r.output
