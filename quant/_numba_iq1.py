@@ -667,4 +667,9 @@ def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out
     else:
         bad = _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out)
     if bad >= 0:
-        raise ArithmeticError(f"{name}: sub-block {bad} has no grid neighbour with a finite error (ggml aborts here)")
+        from . import QuantError
+
+        raise QuantError(
+            f"{name}: no grid neighbour with a finite error in sub-block {bad} (float32 overflow): "
+            "llama.cpp aborts on this input (GGML_ASSERT); rescale the tensor"
+        )

@@ -44,8 +44,11 @@ X_P = np.array([F32(-1) + _DELTA, _DELTA, F32(1) + _DELTA], dtype=F32)
 X_M = np.array([F32(-1) - _DELTA, -_DELTA, F32(1) - _DELTA], dtype=F32)
 
 
-class _Unreachable(ArithmeticError):
-    """ggml aborts (GGML_ASSERT) on this input."""
+def _aborts(name: str, what: str):
+    """The error for input on which ggml's quantizer aborts (GGML_ASSERT)."""
+    from . import QuantError
+
+    return QuantError(f"{name}: {what}: llama.cpp aborts on this input (GGML_ASSERT); rescale the tensor")
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
@@ -167,7 +170,7 @@ def _split_search(xs, w, amax, eps, per_half):
     return ok, scale, code, L
 
 
-def _snap_to_grid(xs, w, scale, L, xx, ok):
+def _snap_to_grid(name, xs, w, scale, L, xx, ok):
     """Grid index of every group of 8 (``kmap``, else ``iq1_find_best_neighbour2``).
 
     ``xx``: ``[m, ngroups, 3]`` the shifted levels used by each group; sub-blocks not
@@ -194,7 +197,7 @@ def _snap_to_grid(xs, w, scale, L, xx, ok):
         d2 = np.where((cand >= 0) & (d2 < _FLT_MAX), d2, np.inf)  # strict '<' from FLT_MAX, NaN never wins
         pick = np.argmin(d2, axis=1)  # first minimum, as the C loop's strict '<'
         if not np.isfinite(d2[np.arange(sb.size), pick]).all():
-            raise _Unreachable("no grid neighbour with a finite error (ggml asserts)")
+            raise _aborts(name, "no grid neighbour with a finite error (float32 overflow)")
         index[sb, k] = cand[np.arange(sb.size), pick]
     return index, moved
 
@@ -228,6 +231,7 @@ def _sub_weights(blocks, qw, nrows, bs):
 
 def _iq1_s(xg: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """``quantize_iq1_s`` (``quantize_row_iq1_s_impl`` per row; needs quant weights)."""
+    name = "IQ1_S"
     if qw is None:
         raise ValueError("IQ1_S needs quant weights (ggml asserts)")
     blocks = xg.reshape(-1, QK_K)
@@ -236,10 +240,10 @@ def _iq1_s(xg: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     amax = np.abs(xs).max(axis=1)
     ok, scale, shift, L = _split_search(xs, w, amax, _EPS_S, per_half=False)
     xx = np.where((shift == 1)[:, None, None], X_P, X_M) * np.ones((1, 4, 1), F32)
-    index, moved = _snap_to_grid(xs, w, scale, L, xx, ok)
+    index, moved = _snap_to_grid(name, xs, w, scale, L, xx, ok)
     scale = _refit(xs, w, scale, index, xx, moved)
     if (ok & ~(scale >= 0)).any():
-        raise _Unreachable("negative or NaN sub-block scale (ggml asserts)")
+        raise _aborts(name, "negative or NaN sub-block scale")
     scale = np.where(ok, scale, F32(0)).reshape(nb, 8)
     shift = np.where(ok, shift, 1).reshape(nb, 8)
 
@@ -261,6 +265,7 @@ _MASKS = np.array([0x00, 0x80, 0x08, 0x88])
 
 def _iq1_m(xg: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """``quantize_iq1_m`` (``quantize_row_iq1_m_impl`` per row; weights ``x*x`` without qw)."""
+    name = "IQ1_M"
     blocks = xg.reshape(-1, QK_K)
     nb = blocks.shape[0]
     xs, w = _sub_weights(blocks, qw, xg.shape[0], 16)
@@ -268,10 +273,10 @@ def _iq1_m(xg: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     ok, scale, k, L = _split_search(xs, w, amax, _EPS_M, per_half=True)
     # group 0 uses x_m when k >= 2, group 1 when k is odd
     xx = np.stack([np.where((k < 2)[:, None], X_P, X_M), np.where((k % 2 == 0)[:, None], X_P, X_M)], axis=1)
-    index, moved = _snap_to_grid(xs, w, scale, L, xx, ok)
+    index, moved = _snap_to_grid(name, xs, w, scale, L, xx, ok)
     scale = _refit(xs, w, scale, index, xx, moved)
     if (ok & ~(scale >= 0)).any():
-        raise _Unreachable("negative or NaN sub-block scale (ggml asserts)")
+        raise _aborts(name, "negative or NaN sub-block scale")
     scale = np.where(ok, scale, F32(0)).reshape(nb, 16)
     k = np.where(ok, k, 0).reshape(nb, 16)
     xx = np.where(ok[:, None, None], xx, X_P).reshape(nb, 16, 2, 3)
