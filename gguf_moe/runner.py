@@ -278,16 +278,19 @@ class Collector:
     sums: dict[str, object] = field(default_factory=dict)  # name -> torch float64 [n_mat, ne0]
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [n_mat]
 
-    def add(self, name: str, x, n_mat: int = 1, mat: int = 0) -> None:
+    def add(self, names: str | tuple[str, ...], x, n_mat: int = 1, mat: int = 0) -> None:
+        """Count the rows of ``x`` for each weight in ``names`` (products sharing one input)."""
         import torch
 
         x2 = x.reshape(-1, x.shape[-1])
-        if name not in self.sums:
-            self.sums[name] = torch.zeros((n_mat, x2.shape[-1]), dtype=torch.float64, device=x2.device)
-            self.counts[name] = np.zeros(n_mat, dtype=np.int64)
-        if x2.shape[0]:
-            self.sums[name][mat] += (x2 * x2).sum(dim=0).double()
-        self.counts[name][mat] += x2.shape[0]
+        sq = (x2 * x2).sum(dim=0).double() if x2.shape[0] else None
+        for name in (names,) if isinstance(names, str) else names:
+            if name not in self.sums:
+                self.sums[name] = torch.zeros((n_mat, x2.shape[-1]), dtype=torch.float64, device=x2.device)
+                self.counts[name] = np.zeros(n_mat, dtype=np.int64)
+            if sq is not None:
+                self.sums[name][mat] += sq
+            self.counts[name][mat] += x2.shape[0]
 
     def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {k: (self.sums[k].cpu().numpy(), self.counts[k].copy()) for k in self.sums}
@@ -385,9 +388,10 @@ class Runner:
             x0, x1 = x[..., :h], x[..., h:]
             c, s_ = cos[None, :, None, :], sin[None, :, None, :]
             return torch.cat([x0 * c - x1 * s_, x0 * s_ + x1 * c], dim=-1)
-        x0, x1 = x[..., 0::2], x[..., 1::2]  # llama.cpp's NORM rope: adjacent pairs
-        c, s_ = cos[None, :, None, :], sin[None, :, None, :]
-        return torch.stack([x0 * c - x1 * s_, x0 * s_ + x1 * c], dim=-1).flatten(-2)
+        # llama.cpp's NORM rope: adjacent pairs, i.e. a complex product per pair
+        z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+        rot = torch.complex(cos, sin)[None, :, None, :]
+        return torch.view_as_real(z * rot).flatten(-2)
 
     def layer(self, w: dict, H, L: int, rope, collect: Collector | None = None) -> None:
         """Run layer ``L`` on hidden states ``H [n, ctx, d]`` in place, ``self.batch`` chunks at a time."""
@@ -405,8 +409,7 @@ class Runner:
 
         x = self._rms(h, w[T.ATTN_NORM][0])
         if collect is not None:
-            for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V):
-                collect.add(name(k), x)
+            collect.add(tuple(name(k) for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)), x)
         q, k_, v = (self._mm(x, w[k]) for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
         if (T.ATTN_Q, "bias") in w:
             q = q + w[(T.ATTN_Q, "bias")][0]
@@ -435,8 +438,7 @@ class Runner:
         x = self._rms(h, w[T.FFN_NORM][0])
         if not s.moe:
             if collect is not None:
-                collect.add(name(T.FFN_GATE), x)
-                collect.add(name(T.FFN_UP), x)
+                collect.add((name(T.FFN_GATE), name(T.FFN_UP)), x)
             g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE])) * self._mm(x, w[T.FFN_UP])
             if collect is not None:
                 collect.add(name(T.FFN_DOWN), g)
@@ -464,8 +466,7 @@ class Runner:
             rows, slot = (top_i == e).nonzero(as_tuple=True)
             xe = x[rows]
             if collect is not None:
-                collect.add(name(T.FFN_GATE_EXP), xe, E, e)
-                collect.add(name(T.FFN_UP_EXP), xe, E, e)
+                collect.add((name(T.FFN_GATE_EXP), name(T.FFN_UP_EXP)), xe, E, e)
             if rows.numel() == 0:
                 if collect is not None:
                     collect.add(name(T.FFN_DOWN_EXP), xe.new_zeros((0, wd.shape[-1])), E, e)
@@ -476,8 +477,7 @@ class Runner:
             out[rows] += self._mm(ge, (wd[e], td)) * top_w[rows, slot, None]  # a token picks an expert once
         if s.shared_expert:
             if collect is not None:
-                for k in (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_GATE_INP_SHEXP):
-                    collect.add(name(k), x)
+                collect.add(tuple(name(k) for k in (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_GATE_INP_SHEXP)), x)
             g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE_SHEXP])) * self._mm(x, w[T.FFN_UP_SHEXP])
             if collect is not None:
                 collect.add(name(T.FFN_DOWN_SHEXP), g)
