@@ -45,14 +45,16 @@ _ABORT = "iq2: ggml aborts on this block"
 
 @functools.cache
 def tables(name: str):
-    """``(glev int32 [G, 8], kmap int32, start int32, count int32, nbi int32 [E], nbq float32 [8, E])``.
+    """``(glev int32 [G, 8], kmap int32, start int32, count int32, nbi int32 [E], nbl int8 [8*E])``.
 
     ``kmap[u] >= 0``: grid index; otherwise the neighbour list of ``u`` is entries
-    ``start[u] .. start[u] + count[u] - 1`` of ``nbi`` (grid indices, ggml's order) and of
-    ``nbq`` (their coordinates 1/3/5, transposed).
+    ``start[u] .. start[u] + count[u] - 1`` of ``nbi`` (grid indices, ggml's order).  ``nbl``
+    holds their levels (0..2) transposed list by list: level i of entry j of the list that
+    starts at entry ``st`` with ``cnt`` entries is ``nbl[8*st + i*cnt + j]``, so one list is
+    one contiguous run of memory and each coordinate is a unit-stride row of it.
     """
     t = iq2_tables(name)
-    grid = t.grid.astype(np.int32)
+    glev = (t.grid.astype(np.int32) - 1) // 2
     kmap = t.kmap.astype(np.int32)
     nb = t.neighbours.astype(np.int32)
     off = np.flatnonzero(kmap < 0)
@@ -66,107 +68,173 @@ def tables(name: str):
     seg = np.repeat(np.arange(off.size), cnt)
     rank = np.arange(seg.size) - first[seg]
     nbi = nb[pos[seg] + 1 + rank].astype(np.int32)
-    nbq = np.ascontiguousarray(grid[nbi].T.astype(F32))
+    lev = glev[nbi]  # [E, 8]
+    nbl = np.empty(8 * nbi.size, np.int8)
+    # entry e = first[s] + rank, coordinate i -> 8*first[s] + i*cnt[s] + rank
+    for i in range(8):
+        nbl[8 * first[seg] + i * cnt[seg] + rank] = lev[:, i]
     assert cnt.max() < _MAXCNT
-    return (np.ascontiguousarray((grid - 1) // 2), kmap, start, count, nbi, nbq)
+    return (np.ascontiguousarray(glev), kmap, start, count, nbi, nbl)
+
+
+@njit(inline="always", **_JIT)
+def _terms(x, w, scale):
+    """The weighted squared error ``(w*diff)*diff``, ``diff = scale*q - x``, for q = 1, 3, 5."""
+    d = scale - x  # scale*1.0f is scale
+    a = (w * d) * d
+    d = scale * F32(3.0) - x
+    b = (w * d) * d
+    d = scale * F32(5.0) - x
+    c = (w * d) * d
+    return a, b, c
+
+
+@njit(inline="always", **_JIT)
+def _pick(lv, a, b, c):
+    return a if lv == 0 else (b if lv == 1 else c)
 
 
 @njit(**_JIT)
-def _neighbour(start, cnt, nbi, nbq, xv, wa, o, scale, d2):
-    """``iq2_find_best_neighbour`` for the 8 values ``xv[o:o+8]``: the grid index of the first
-    list entry with the smallest ``sum_i (wa*diff)*diff``, ``diff = scale*g - x``."""
-    x0 = xv[o]
-    x1 = xv[o + 1]
-    x2 = xv[o + 2]
-    x3 = xv[o + 3]
-    x4 = xv[o + 4]
-    x5 = xv[o + 5]
-    x6 = xv[o + 6]
-    x7 = xv[o + 7]
-    w0 = wa[o]
-    w1 = wa[o + 1]
-    w2 = wa[o + 2]
-    w3 = wa[o + 3]
-    w4 = wa[o + 4]
-    w5 = wa[o + 5]
-    w6 = wa[o + 6]
-    w7 = wa[o + 7]
-    q0 = nbq[0, start : start + cnt]
-    q1 = nbq[1, start : start + cnt]
-    q2 = nbq[2, start : start + cnt]
-    q3 = nbq[3, start : start + cnt]
-    q4 = nbq[4, start : start + cnt]
-    q5 = nbq[5, start : start + cnt]
-    q6 = nbq[6, start : start + cnt]
-    q7 = nbq[7, start : start + cnt]
-    for j in range(cnt):
-        diff = scale * q0[j] - x0
-        d = _Z + (w0 * diff) * diff
-        diff = scale * q1[j] - x1
-        d = d + (w1 * diff) * diff
-        diff = scale * q2[j] - x2
-        d = d + (w2 * diff) * diff
-        diff = scale * q3[j] - x3
-        d = d + (w3 * diff) * diff
-        diff = scale * q4[j] - x4
-        d = d + (w4 * diff) * diff
-        diff = scale * q5[j] - x5
-        d = d + (w5 * diff) * diff
-        diff = scale * q6[j] - x6
-        d = d + (w6 * diff) * diff
-        diff = scale * q7[j] - x7
-        d = d + (w7 * diff) * diff
-        d2[j] = d
-    best = _FLT_MAX
-    bj = -1
-    for j in range(cnt):
-        if d2[j] < best:
-            best = d2[j]
-            bj = j
-    if bj < 0:
-        raise ValueError(_ABORT)
-    return nbi[start + bj]
+def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap, start, count, nbi, nbl):
+    """The scale search of one sub-block and its final requantization; returns the scale.
+
+    Trials ``is = lo..hi``: ``id = (5 + is*0.1f)/denom``, levels
+    ``clamp(nearest_int(0.5f*(id*x - 1)), 0, 2)`` into ``LL[1]``, each 8-group looked up and,
+    off the grid, replaced by its best neighbour at ``1/id``; a trial with a strictly larger
+    ``sumqx**2/sumq2`` becomes the best (``LL[0]``, ``on[0]``).  Then one more pass at the best
+    scale requantizes into ``LL[0]`` every group (``all_refit``: IQ2_XXS) or the groups left
+    off the grid (IQ2_XS/S), and refits the scale.  ``LL[0]`` holds the initial levels.
+
+    Everything runs in this one function: helper calls taking arrays cost reference-count
+    updates (atomic) per call in numba, more than the search itself.
+
+    ``iq2_find_best_neighbour`` inline: each coordinate takes only 3 values, so its 3
+    possible terms ``(w*diff)*diff``, ``diff = scale*q - x`` (q = 1, 3, 5) are computed once
+    with C's float32 operations, and each candidate's distance is the sequential C sum of its
+    8 terms picked by level: a loop over candidates that LLVM vectorizes.  The first
+    minimum below FLT_MAX (C's strict ``<`` scan) is the first candidate equal to it.
+    """
+    ng = gs // 8
+    best = _Z
+    for k in range(ng):
+        on[0, k] = 1
+    for it in range(lo, hi + 2):
+        refit = it > hi
+        if refit:
+            if not scale > _Z:
+                break
+            anyoff = all_refit
+            for k in range(ng):
+                if on[0, k] == 0:
+                    anyoff = True
+            if not anyoff:
+                break
+            id_ = _ONE / scale
+            sc = scale
+            t = 0
+        else:
+            id_ = (_FIVE + F32(it) * _TENTH) / denom
+            sc = _ONE / id_
+            t = 1
+        for k in range(ng):
+            k8 = 8 * k
+            if refit and not all_refit and on[0, k] != 0:
+                continue
+            u = 0
+            for i in range(8):
+                l_ = _nint(_HALF * (id_ * xv[k8 + i] - _ONE))
+                l_ = 0 if l_ < 0 else (2 if l_ > 2 else l_)
+                LL[t, k8 + i] = l_
+                u |= l_ << (2 * i)
+            if kmap[u] >= 0:
+                on[1, k] = 1
+                continue
+            on[1, k] = 0
+            st = start[u]
+            cnt = count[u]
+            a0, e0, c0 = _terms(xv[k8], wa[k8], sc)
+            a1, e1, c1 = _terms(xv[k8 + 1], wa[k8 + 1], sc)
+            a2, e2, c2 = _terms(xv[k8 + 2], wa[k8 + 2], sc)
+            a3, e3, c3 = _terms(xv[k8 + 3], wa[k8 + 3], sc)
+            a4, e4, c4 = _terms(xv[k8 + 4], wa[k8 + 4], sc)
+            a5, e5, c5 = _terms(xv[k8 + 5], wa[k8 + 5], sc)
+            a6, e6, c6 = _terms(xv[k8 + 6], wa[k8 + 6], sc)
+            a7, e7, c7 = _terms(xv[k8 + 7], wa[k8 + 7], sc)
+            # unsigned offsets: numba then needs no negative-index wraparound and LLVM
+            # vectorizes the loop with plain contiguous loads
+            b0 = np.uint64(8 * st)
+            b1 = b0 + np.uint64(cnt)
+            b2 = b1 + np.uint64(cnt)
+            b3 = b2 + np.uint64(cnt)
+            b4 = b3 + np.uint64(cnt)
+            b5 = b4 + np.uint64(cnt)
+            b6 = b5 + np.uint64(cnt)
+            b7 = b6 + np.uint64(cnt)
+            for j in range(np.uint64(cnt)):
+                d = _Z + _pick(nbl[b0 + j], a0, e0, c0)
+                d = d + _pick(nbl[b1 + j], a1, e1, c1)
+                d = d + _pick(nbl[b2 + j], a2, e2, c2)
+                d = d + _pick(nbl[b3 + j], a3, e3, c3)
+                d = d + _pick(nbl[b4 + j], a4, e4, c4)
+                d = d + _pick(nbl[b5 + j], a5, e5, c5)
+                d = d + _pick(nbl[b6 + j], a6, e6, c6)
+                d = d + _pick(nbl[b7 + j], a7, e7, c7)
+                d2[j] = d
+            n8 = (cnt + 7) & ~7
+            for j in range(cnt, n8):
+                d2[j] = _FLT_MAX
+            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _FLT_MAX
+            for j in range(0, n8, 8):  # 8 interleaved partial minima (NaN never wins)
+                v = d2[j]
+                m0 = v if v < m0 else m0
+                v = d2[j + 1]
+                m1 = v if v < m1 else m1
+                v = d2[j + 2]
+                m2 = v if v < m2 else m2
+                v = d2[j + 3]
+                m3 = v if v < m3 else m3
+                v = d2[j + 4]
+                m4 = v if v < m4 else m4
+                v = d2[j + 5]
+                m5 = v if v < m5 else m5
+                v = d2[j + 6]
+                m6 = v if v < m6 else m6
+                v = d2[j + 7]
+                m7 = v if v < m7 else m7
+            m = min(min(min(m0, m1), min(m2, m3)), min(min(m4, m5), min(m6, m7)))
+            if not m < _FLT_MAX:
+                raise ValueError(_ABORT)
+            j = 0
+            while d2[j] != m:
+                j += 1
+            gi = nbi[st + j]
+            for i in range(8):
+                LL[t, k8 + i] = glev[gi, i]
+        sumqx = _Z
+        sumq2 = _Z
+        for i in range(gs):
+            q = F32(2 * LL[t, i] + 1)
+            sumqx += (w[i] * xv[i]) * q
+            sumq2 += (w[i] * q) * q
+        if refit:
+            if sumq2 > _Z:
+                scale = sumqx / sumq2
+        elif sumq2 > _Z and sumqx * sumqx > best * sumq2:
+            scale = sumqx / sumq2
+            best = scale * sumqx
+            for i in range(gs):
+                LL[0, i] = LL[1, i]
+            for k in range(ng):
+                on[0, k] = on[1, k]
+    return scale
 
 
 @njit(**_JIT)
-def _place(k8, L, xv, wa, scale, glev, kmap, start, count, nbi, nbq, d2):
-    """Look up the 8-group at ``L[k8:k8+8]`` (levels 0..2); off the grid, replace it by its
-    best neighbour at ``scale``.  Returns True if the point was on the grid."""
+def _grid_of(LL, k8, kmap):
+    """Grid index of the 8-group ``LL[0, k8:k8+8]`` (ggml aborts if it is off the grid)."""
     u = 0
     for i in range(8):
-        u |= L[k8 + i] << (2 * i)
-    if kmap[u] >= 0:
-        return True
-    gi = _neighbour(start[u], count[u], nbi, nbq, xv, wa, k8, scale, d2)
-    for i in range(8):
-        L[k8 + i] = glev[gi, i]
-    return False
-
-
-@njit(inline="always", **_JIT)
-def _levels(L, xv, k8, id_):
-    """``L = clamp(nearest_int(0.5f*(id*x - 1)), 0, 2)`` for one 8-group."""
-    for i in range(8):
-        l_ = _nint(_HALF * (id_ * xv[k8 + i] - _ONE))
-        L[k8 + i] = 0 if l_ < 0 else (2 if l_ > 2 else l_)
-
-
-@njit(inline="always", **_JIT)
-def _sums(gs, w, xv, L):
-    sumqx = _Z
-    sumq2 = _Z
-    for i in range(gs):
-        q = F32(2 * L[i] + 1)
-        sumqx += (w[i] * xv[i]) * q
-        sumq2 += (w[i] * q) * q
-    return sumqx, sumq2
-
-
-@njit(inline="always", **_JIT)
-def _grid_of(L, k8, kmap):
-    u = 0
-    for i in range(8):
-        u |= L[k8 + i] << (2 * i)
+        u |= LL[0, k8 + i] << (2 * i)
     gi = kmap[u]
     if gi < 0:
         raise ValueError(_ABORT)
@@ -174,19 +242,20 @@ def _grid_of(L, k8, kmap):
 
 
 @njit(**_JIT)
-def _prep(xb, qb, use_qw, sigma2, gs, parity, w, wa, xv, signs):
+def _prep(x, xo, qw, qo, use_qw, sigma2, gs, parity, w, wa, xv, signs):
     """Weights, sqrt-weights, ``xval`` and sign bits of one sub-block (see ``_numpy_iq2._signs``)."""
     for i in range(gs):
+        v = x[xo + i]
         if use_qw:
-            w[i] = qb[i] * np.sqrt(sigma2 + xb[i] * xb[i])
+            w[i] = qw[qo + i] * np.sqrt(sigma2 + v * v)
         else:
-            w[i] = F32(0.25) * sigma2 + xb[i] * xb[i]
+            w[i] = F32(0.25) * sigma2 + v * v
         wa[i] = np.sqrt(w[i])
     for k in range(gs // 8):
         nflip = 0
         s = 0
         for i in range(8):
-            v = xb[8 * k + i]
+            v = x[xo + 8 * k + i]
             if v >= _Z:
                 xv[8 * k + i] = v
             else:
@@ -196,9 +265,11 @@ def _prep(xb, qb, use_qw, sigma2, gs, parity, w, wa, xv, signs):
         if parity:
             if nflip % 2:
                 imin = 0
-                mn = (w[8 * k] * xb[8 * k]) * xb[8 * k]
+                v = x[xo + 8 * k]
+                mn = (w[8 * k] * v) * v
                 for i in range(1, 8):
-                    ax = (w[8 * k + i] * xb[8 * k + i]) * xb[8 * k + i]
+                    v = x[xo + 8 * k + i]
+                    ax = (w[8 * k + i] * v) * v
                     if ax < mn:
                         mn = ax
                         imin = i
@@ -213,15 +284,15 @@ def _prep(xb, qb, use_qw, sigma2, gs, parity, w, wa, xv, signs):
 
 
 @njit(**_JIT)
-def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out):
+def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbl, out):
     """``quantize_row_iq2_xxs_impl`` over the flat rows ``x`` (66 bytes per super-block)."""
     nbl_row = n // QK_K
     nblk = x.size // QK_K
     w = np.empty(32, F32)
     wa = np.empty(32, F32)
     xv = np.empty(32, F32)
-    L = np.zeros(32, np.int64)
-    La = np.zeros(32, np.int64)
+    LL = np.zeros((2, 32), np.int64)
+    on = np.zeros((2, 4), np.int64)
     Lqp = np.zeros(32, np.int64)
     d2 = np.empty(_MAXCNT, F32)
     signs = np.zeros(4, np.int64)
@@ -238,8 +309,7 @@ def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out):
             q2[j] = 0
         max_scale = _Z
         for ib in range(8):
-            xb = x[b0 + 32 * ib : b0 + 32 * ib + 32]
-            mx = _prep(xb, qw[qo + 32 * ib : qo + 32 * ib + 32], True, sigma2, 32, True, w, wa, xv, signs)
+            mx = _prep(x, b0 + 32 * ib, qw, qo + 32 * ib, True, sigma2, 32, True, w, wa, xv, signs)
             scales[ib] = _Z
             if mx < _EPS:
                 continue
@@ -248,34 +318,14 @@ def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out):
             if eff_max <= _Z:
                 continue
             for i in range(32):
-                L[i] = Lqp[i]
-            best = _Z
-            for is_ in range(-6, 7):
-                id_ = (_FIVE + F32(is_) * _TENTH) / eff_max
-                this_scale = _ONE / id_
-                for k in range(4):
-                    _levels(La, xv, 8 * k, id_)
-                    _place(8 * k, La, xv, wa, this_scale, glev, kmap, start, count, nbi, nbq, d2)
-                sumqx, sumq2 = _sums(32, w, xv, La)
-                if sumq2 > _Z and sumqx * sumqx > best * sumq2:
-                    scale = sumqx / sumq2
-                    best = scale * sumqx
-                    for i in range(32):
-                        L[i] = La[i]
-            if scale > _Z:
-                id_ = _ONE / scale
-                for k in range(4):
-                    _levels(L, xv, 8 * k, id_)
-                    _place(8 * k, L, xv, wa, scale, glev, kmap, start, count, nbi, nbq, d2)
-                sumqx, sumq2 = _sums(32, w, xv, L)
-                if sumq2 > _Z:
-                    scale = sumqx / sumq2
+                LL[0, i] = Lqp[i]
+            scale = _fit(32, -6, 6, eff_max, scale, True, xv, w, wa, LL, on, d2, glev, kmap, start, count, nbi, nbl)
             if scale < _Z:
                 scale = -scale
                 for k in range(4):
                     signs[k] = ~signs[k] & 127
             for k in range(4):
-                gi = _grid_of(L, 8 * k, kmap)
+                gi = _grid_of(LL, 8 * k, kmap)
                 q2[2 * ib] |= gi << (8 * k)
                 q2[2 * ib + 1] |= signs[k] << (7 * k)
             scales[ib] = scale
@@ -299,7 +349,7 @@ def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out):
 
 
 @njit(**_JIT)
-def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbq, out):
+def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbl, out):
     """``quantize_row_iq2_xs_impl`` (74 bytes) / ``quantize_row_iq2_s_impl`` (82 bytes)."""
     nbl_row = n // QK_K
     nblk = x.size // QK_K
@@ -308,8 +358,8 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbq, out):
     w = np.empty(16, F32)
     wa = np.empty(16, F32)
     xv = np.empty(16, F32)
-    L = np.zeros(16, np.int64)
-    La = np.zeros(16, np.int64)
+    LL = np.zeros((2, 16), np.int64)
+    on = np.zeros((2, 2), np.int64)
     d2 = np.empty(_MAXCNT, F32)
     signs = np.zeros(2, np.int64)
     scales = np.empty(16, F32)
@@ -324,9 +374,7 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbq, out):
         sigma2 = (F32(2) * sumx2) / F32(QK_K) if s_type else sumx2 / F32(QK_K)
         max_scale = _Z
         for ib in range(16):
-            xb = x[b0 + 16 * ib : b0 + 16 * ib + 16]
-            qb = qw[qo + 16 * ib : qo + 16 * ib + 16] if use_qw else qw
-            mx = _prep(xb, qb, use_qw, sigma2, 16, not s_type, w, wa, xv, signs)
+            mx = _prep(x, b0 + 16 * ib, qw, qo + 16 * ib, use_qw, sigma2, 16, not s_type, w, wa, xv, signs)
             scales[ib] = _Z
             gidx[2 * ib] = 0
             gidx[2 * ib + 1] = 0
@@ -335,44 +383,15 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbq, out):
             if mx < eps:
                 continue
             for i in range(16):
-                L[i] = 0
-            best = _Z
-            scale = mx / _FIVE
-            on0 = True
-            on1 = True
-            for is_ in range(-9, 10):
-                id_ = (_FIVE + F32(is_) * _TENTH) / mx
-                this_scale = _ONE / id_
-                _levels(La, xv, 0, id_)
-                a0 = _place(0, La, xv, wa, this_scale, glev, kmap, start, count, nbi, nbq, d2)
-                _levels(La, xv, 8, id_)
-                a1 = _place(8, La, xv, wa, this_scale, glev, kmap, start, count, nbi, nbq, d2)
-                sumqx, sumq2 = _sums(16, w, xv, La)
-                if sumq2 > _Z and sumqx * sumqx > best * sumq2:
-                    scale = sumqx / sumq2
-                    best = scale * sumqx
-                    for i in range(16):
-                        L[i] = La[i]
-                    on0 = a0
-                    on1 = a1
-            if (not on0 or not on1) and scale > _Z:
-                id_ = _ONE / scale
-                if not on0:
-                    _levels(L, xv, 0, id_)
-                    _place(0, L, xv, wa, scale, glev, kmap, start, count, nbi, nbq, d2)
-                if not on1:
-                    _levels(L, xv, 8, id_)
-                    _place(8, L, xv, wa, scale, glev, kmap, start, count, nbi, nbq, d2)
-                sumqx, sumq2 = _sums(16, w, xv, L)
-                if sumq2 > _Z:
-                    scale = sumqx / sumq2
+                LL[0, i] = 0
+            scale = _fit(16, -9, 9, mx, mx / _FIVE, False, xv, w, wa, LL, on, d2, glev, kmap, start, count, nbi, nbl)
             if scale < _Z:
                 scale = -scale
                 m = 255 if s_type else 127
                 signs[0] = ~signs[0] & m
                 signs[1] = ~signs[1] & m
-            gidx[2 * ib] = _grid_of(L, 0, kmap)
-            gidx[2 * ib + 1] = _grid_of(L, 8, kmap)
+            gidx[2 * ib] = _grid_of(LL, 0, kmap)
+            gidx[2 * ib + 1] = _grid_of(LL, 8, kmap)
             gsig[2 * ib] = signs[0]
             gsig[2 * ib + 1] = signs[1]
             scales[ib] = scale
@@ -409,12 +428,12 @@ def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out
     """Hook for ``quant._numba._run``: IQ2_XXS / IQ2_XS / IQ2_S of the flat rows ``x`` into ``out``."""
     if name != "IQ2_S" and not use_qw:
         raise ValueError(f"{name} needs quant weights")
-    glev, kmap, start, count, nbi, nbq = tables(name)
+    glev, kmap, start, count, nbi, nbl = tables(name)
     try:
         if name == "IQ2_XXS":
-            _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbq, out)
+            _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbl, out)
         else:
-            _kxs_s(x, n, qw, use_qw, name == "IQ2_S", glev, kmap, start, count, nbi, nbq, out)
+            _kxs_s(x, n, qw, use_qw, name == "IQ2_S", glev, kmap, start, count, nbi, nbl, out)
     except ValueError as e:
         if str(e) != _ABORT:
             raise
