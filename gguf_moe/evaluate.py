@@ -163,30 +163,29 @@ def evaluate(
                         r.layer(lw, hs[m], L, rope)
                         del lw
                         step()
-                # scores, a few chunks at a time: only the source's log-probs are kept beside each file's
-                heads = []
-                for r, w in zip(runners, weights):
-                    heads.append(r.load_head(w))
+                # scores, a few chunks at a time, with two output matrices in memory: the
+                # source's and one file's (the source's log-probs are recomputed per file)
+                src_head = runners[0].load_head(src_w)
+                step()
+                for k in range(len(ggufs)):
+                    head = runners[k + 1].load_head(ggufs[k])
                     step()
-                for i in range(0, len(sub), 2):
-                    tgt = target[i : i + 2]
-                    lp = []
-                    for m, (r, head) in enumerate(zip(runners, heads)):
-                        x = r.head_input(head, hs[m][i : i + 2, first : ctx - 1])
-                        lp.append(torch.log_softmax(r.logits(head, x).double(), dim=-1))
-                    base = lp[0]
-                    o = (g.start + i) * n_score
-                    n = tgt.numel()
-                    for m in range(n_models):
-                        nll[m, o : o + n] = (-lp[m].gather(-1, tgt[..., None])[..., 0]).reshape(-1).cpu().numpy()
-                    p_base = base.exp()
-                    top_base = base.argmax(-1)
-                    for k in range(len(ggufs)):
-                        q = lp[k + 1]
-                        kld[k, o : o + n] = (p_base * (base - q)).sum(-1).reshape(-1).cpu().numpy()
-                        same[k, o : o + n] = (q.argmax(-1) == top_base).reshape(-1).cpu().numpy()
-                    del lp, base, p_base
-                del hs, heads
+                    for i in range(0, len(sub), 2):
+                        tgt = target[i : i + 2]
+                        o = (g.start + i) * n_score
+                        n = tgt.numel()
+                        x = runners[0].head_input(src_head, hs[0][i : i + 2, first : ctx - 1])
+                        base = torch.log_softmax(runners[0].logits(src_head, x).double(), dim=-1)
+                        x = runners[k + 1].head_input(head, hs[k + 1][i : i + 2, first : ctx - 1])
+                        q = torch.log_softmax(runners[k + 1].logits(head, x).double(), dim=-1)
+                        if k == 0:
+                            nll[0, o : o + n] = (-base.gather(-1, tgt[..., None])[..., 0]).reshape(-1).cpu().numpy()
+                        nll[k + 1, o : o + n] = (-q.gather(-1, tgt[..., None])[..., 0]).reshape(-1).cpu().numpy()
+                        kld[k, o : o + n] = (base.exp() * (base - q)).sum(-1).reshape(-1).cpu().numpy()
+                        same[k, o : o + n] = (q.argmax(-1) == base.argmax(-1)).reshape(-1).cpu().numpy()
+                        del base, q, x
+                    del head
+                del hs, src_head
         result = EvalResult(tokens=int(nll.shape[1]), source_ppl=float(np.exp(nll[0].mean())), kld=kld, nll=nll)
         for k, (f, g) in enumerate(zip(files, ggufs)):
             result.files.append(
