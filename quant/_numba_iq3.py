@@ -108,100 +108,112 @@ def _search_scalar(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
 
 
 _f32t = ir.FloatType()
-_i1t, _i8t, _i32t, _i64t = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
-_v8f = ir.VectorType(_f32t, 8)
-_v8i = ir.VectorType(_i32t, 8)
-_NOKEY = 2**63 - 1
+_i1t, _i32t, _i64t = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 
 
 def _splat(builder, val, vt):
     v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(_i32t, 0))
-    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(_v8i, [0] * 8))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_i32t, vt.count), [0] * vt.count))
 
 
-@intrinsic
-def _best8(typingctx, xval, waux, o, scale, vidx, off, cnt):
-    """AVX2 form of the neighbour search (x86-64 only): the position j in the list of the
-    first candidate of least distance below FLT_MAX, or -1.
+def _make_best(W=8):
+    """The vector neighbour search as a numba intrinsic: AVX2 ``vpermps`` on ``W`` = 8 lanes
+    (x86-64 only; a 16-lane AVX-512 form measured slower here and is not built).
 
-    The 4 x 8 terms ``waux*diff*diff`` are four 8-float vectors (the C operations lane by
-    lane, no contraction); ``vpermps`` picks each candidate's term of every coordinate, 8
-    candidates at a time, and the four are added in C's order.  Lane k of the running
-    minimum sees candidates k, k+8, k+16, ... in order and keeps the first smallest below
-    FLT_MAX (C's strict ``<``: NaN never taken); the result is the smallest index among the
-    lanes holding the overall minimum.  ``vidx`` lists are padded to 16 candidates.
+    ``best(xval, waux, o, scale, vidx, off, cnt)`` returns the position j in the list of the
+    first candidate of least distance below FLT_MAX, or -1.  The 4 x 8 terms
+    ``waux*diff*diff`` are four vectors (the C operations lane by lane, no contraction);
+    ``vpermps`` picks each candidate's term of
+    every coordinate, W candidates at a time, and the four are added in C's order.  Lane k
+    of the running minimum sees candidates k, k+W, k+2W, ... in order and keeps the first
+    smallest below FLT_MAX (C's strict ``<``: NaN never taken); the result is the smallest
+    index among the lanes holding the overall minimum.  ``vidx`` lists are padded to 16.
     """
-    sig = types.int64(xval, waux, types.int64, types.float32, vidx, types.int64, types.int64)
+    if W != 8:
+        raise ValueError("only the 8-lane AVX2 search is built")
+    vf = ir.VectorType(_f32t, W)
+    vi = ir.VectorType(_i32t, W)
+    perm_name = "llvm.x86.avx2.permps"
 
-    def codegen(context, builder, signature, args):
-        xv, wv, o_, sc, va, off_, cnt_ = args
-        mod = builder.module
-        permps = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f, _v8i]), "llvm.x86.avx2.permps")
-        fmin = cgutils.get_or_insert_function(mod, ir.FunctionType(_f32t, [_v8f]), "llvm.vector.reduce.fmin.v8f32")
-        umin = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [_v8i]), "llvm.vector.reduce.umin.v8i32")
-        xarr = context.make_array(signature.args[0])(context, builder, xv)
-        warr = context.make_array(signature.args[1])(context, builder, wv)
-        iarr = context.make_array(signature.args[4])(context, builder, va)
-        sq = builder.fmul(_splat(builder, sc, _v8f), ir.Constant(_v8f, [float(2 * l + 1) for l in range(8)]))
-        T = []
-        for i in range(4):
-            at = builder.add(o_, ir.Constant(_i64t, i * NL))
-            xi = builder.load(builder.gep(xarr.data, [at]))
-            wi = builder.load(builder.gep(warr.data, [at]))
-            diff = builder.fsub(sq, _splat(builder, xi, _v8f))
-            T.append(builder.fmul(builder.fmul(_splat(builder, wi, _v8f), diff), diff))
-        cnt32 = _splat(builder, builder.trunc(cnt_, _i32t), _v8i)
-        fltmax = ir.Constant(_v8f, [float(_FLT_MAX)] * 8)
-        lanes = ir.Constant(_v8i, list(range(8)))
-        entry = builder.block
-        loop = builder.append_basic_block("iq3_chunk")
-        done = builder.append_basic_block("iq3_done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        c = builder.phi(_i64t)  # candidates done (multiple of 16)
-        bv = builder.phi(_v8f)
-        bi = builder.phi(_v8i)
-        c.add_incoming(ir.Constant(_i64t, 0), entry)
-        bv.add_incoming(fltmax, entry)
-        bi.add_incoming(ir.Constant(_v8i, [-1] * 8), entry)
-        cur_v, cur_i = bv, bi
-        for h in range(2):
-            first = builder.add(c, ir.Constant(_i64t, 8 * h))
-            base = builder.add(off_, builder.mul(first, ir.Constant(_i64t, 4)))
-            terms = []
+    @intrinsic
+    def best(typingctx, xval, waux, o, scale, vidx, off, cnt):
+        sig = types.int64(xval, waux, types.int64, types.float32, vidx, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            xv, wv, o_, sc, va, off_, cnt_ = args
+            mod = builder.module
+            permps = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), perm_name)
+            fmin = cgutils.get_or_insert_function(mod, ir.FunctionType(_f32t, [vf]), f"llvm.vector.reduce.fmin.v{W}f32")
+            umin = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [vi]), f"llvm.vector.reduce.umin.v{W}i32")
+            xarr = context.make_array(signature.args[0])(context, builder, xv)
+            warr = context.make_array(signature.args[1])(context, builder, wv)
+            iarr = context.make_array(signature.args[4])(context, builder, va)
+            qv = ir.Constant(vf, [float(2 * l + 1) for l in range(W)])
+            sq = builder.fmul(_splat(builder, sc, vf), qv)
+            T = []
             for i in range(4):
-                p = builder.gep(iarr.data, [builder.add(base, ir.Constant(_i64t, 8 * i))])
-                idx = builder.load(builder.bitcast(p, _v8i.as_pointer()), align=4)
-                terms.append(builder.call(permps, [T[i], idx]))
-            d = builder.fadd(builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]), terms[3])
-            lane = builder.add(lanes, _splat(builder, builder.trunc(first, _i32t), _v8i))
-            upd = builder.and_(builder.icmp_signed("<", lane, cnt32), builder.fcmp_ordered("<", d, cur_v))
-            cur_v = builder.select(upd, d, cur_v)
-            cur_i = builder.select(upd, lane, cur_i)
-        c1 = builder.add(c, ir.Constant(_i64t, 16))
-        c.add_incoming(c1, builder.block)
-        bv.add_incoming(cur_v, builder.block)
-        bi.add_incoming(cur_i, builder.block)
-        builder.cbranch(builder.icmp_signed("<", c1, cnt_), loop, done)
-        builder.position_at_end(done)
-        mn = builder.call(fmin, [cur_v])
-        hit = builder.and_(
-            builder.fcmp_ordered("==", cur_v, _splat(builder, mn, _v8f)), builder.icmp_signed(">=", cur_i, ir.Constant(_v8i, [0] * 8))
-        )
-        j = builder.call(umin, [builder.select(hit, cur_i, ir.Constant(_v8i, [-1] * 8))])
-        found = builder.icmp_signed(">=", j, ir.Constant(_i32t, 0))  # -1 as unsigned is the largest
-        return builder.select(found, builder.sext(j, _i64t), ir.Constant(_i64t, -1))
+                at = builder.add(o_, ir.Constant(_i64t, i * NL))
+                xi = builder.load(builder.gep(xarr.data, [at]))
+                wi = builder.load(builder.gep(warr.data, [at]))
+                diff = builder.fsub(sq, _splat(builder, xi, vf))
+                T.append(builder.fmul(builder.fmul(_splat(builder, wi, vf), diff), diff))
+            cntv = _splat(builder, builder.trunc(cnt_, _i32t), vi)
+            lanes = ir.Constant(vi, list(range(W)))
+            entry = builder.block
+            loop = builder.append_basic_block("iq3_chunk")
+            done = builder.append_basic_block("iq3_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            c = builder.phi(_i64t)  # candidates done (multiple of 16)
+            bv = builder.phi(vf)
+            bi = builder.phi(vi)
+            c.add_incoming(ir.Constant(_i64t, 0), entry)
+            bv.add_incoming(ir.Constant(vf, [float(_FLT_MAX)] * W), entry)
+            bi.add_incoming(ir.Constant(vi, [-1] * W), entry)
+            cur_v, cur_i = bv, bi
+            for h in range(16 // W):
+                first = builder.add(c, ir.Constant(_i64t, W * h))
+                base = builder.add(off_, builder.mul(c, ir.Constant(_i64t, 4)))
+                terms = []
+                for i in range(4):  # layout: [chunk of 8][coordinate][8]
+                    at = builder.add(base, ir.Constant(_i64t, 32 * h + 8 * i))
+                    idx = builder.load(builder.bitcast(builder.gep(iarr.data, [at]), vi.as_pointer()), align=4)
+                    terms.append(builder.call(permps, [T[i], idx]))
+                d = builder.fadd(builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]), terms[3])
+                lane = builder.add(lanes, _splat(builder, builder.trunc(first, _i32t), vi))
+                upd = builder.and_(builder.icmp_signed("<", lane, cntv), builder.fcmp_ordered("<", d, cur_v))
+                cur_v = builder.select(upd, d, cur_v)
+                cur_i = builder.select(upd, lane, cur_i)
+            c1 = builder.add(c, ir.Constant(_i64t, 16))
+            c.add_incoming(c1, builder.block)
+            bv.add_incoming(cur_v, builder.block)
+            bi.add_incoming(cur_i, builder.block)
+            builder.cbranch(builder.icmp_signed("<", c1, cnt_), loop, done)
+            builder.position_at_end(done)
+            mn = builder.call(fmin, [cur_v])
+            hit = builder.and_(
+                builder.fcmp_ordered("==", cur_v, _splat(builder, mn, vf)),
+                builder.icmp_signed(">=", cur_i, ir.Constant(vi, [0] * W)),
+            )
+            j = builder.call(umin, [builder.select(hit, cur_i, ir.Constant(vi, [-1] * W))])  # -1: unsigned max
+            found = builder.icmp_signed(">=", j, ir.Constant(_i32t, 0))
+            return builder.select(found, builder.sext(j, _i64t), ir.Constant(_i64t, -1))
 
-    return sig, codegen
+        return sig, codegen
+
+    return best
 
 
-@njit(inline="always", **_JIT)
-def _search_avx2(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
-    """``_search_scalar`` with the candidate loop in AVX2 vectors (same result)."""
-    j = _best8(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
-    if j < 0:
-        return -1
-    return start + 1 + j
+def _make_search(best):
+    @njit(inline="always", **_JIT)
+    def search(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
+        """``_search_scalar`` with the candidate loop in vectors (same result)."""
+        j = best(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
+        if j < 0:
+            return -1
+        return start + 1 + j
+
+    return search
 
 
 def _make_kernel(search):
@@ -477,26 +489,28 @@ def _make_kernel(search):
     return _kiq3
 
 
-_KERNELS = {"scalar": _make_kernel(_search_scalar), "avx2": _make_kernel(_search_avx2)}
+_KERNELS = {"scalar": _make_kernel(_search_scalar), "avx2": _make_kernel(_make_search(_make_best(8)))}
 
 
-def _host_has_avx2() -> bool:
+def _host_simd() -> str:
+    """``"avx2"`` or ``"scalar"``: the neighbour search this CPU runs."""
     try:
         from llvmlite import binding
 
-        return bool(binding.get_host_cpu_features().get("avx2", False))
+        f = binding.get_host_cpu_features()
     except Exception:  # pragma: no cover - feature query unavailable
-        return False
+        return "scalar"
+    return "avx2" if f.get("avx2", False) else "scalar"
 
 
-#: Use the AVX2 neighbour search (x86-64 CPUs with AVX2); the scalar one otherwise.
-USE_AVX2 = _host_has_avx2()
+#: Which neighbour search runs: a key of ``_KERNELS`` (all give the same bytes).
+SEARCH = _host_simd()
 
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ3_XXS / IQ3_S of the flat rows ``x`` into ``out``."""
     cidx, glev, kmap, nbr, vidx, voff = tables(name)
-    kernel = _KERNELS["avx2" if USE_AVX2 else "scalar"]
+    kernel = _KERNELS[SEARCH]
     bad = kernel(x, n, qw, use_qw, name == "IQ3_XXS", cidx, glev, kmap, nbr, vidx, voff, out)
     if bad >= 0:
         raise too_large(name, float(np.abs(x[bad * 32 : bad * 32 + 32]).max()))

@@ -191,14 +191,14 @@ def test_numba_both_neighbour_searches(qtype, monkeypatch):
     from quant import _numba_iq3
 
     cases = ["student_t", "zero_const_rows", "super_weight", "rounding_ties"]
-    for use_avx2 in ([False, True] if _numba_iq3._host_has_avx2() else [False]):
-        monkeypatch.setattr(_numba_iq3, "USE_AVX2", use_avx2)
+    for search in ["scalar", "avx2"] if _numba_iq3._host_simd() == "avx2" else ["scalar"]:
+        monkeypatch.setattr(_numba_iq3, "SEARCH", search)
         for case in cases:
             x = _input(case)[::4]
             for imat in (False, True):
                 got = quant.quantize(x, qtype, imatrix=_imatrix(x.shape[1]) if imat else None, backend="numba")
                 bad, nblk, first = _mismatch(got, _expected(qtype, case, imat)[::4], qtype)
-                assert bad == 0, f"avx2={use_avx2} [{case}] imatrix={imat}: {bad} of {nblk} blocks differ; {first}"
+                assert bad == 0, f"{search} [{case}] imatrix={imat}: {bad} of {nblk} blocks differ; {first}"
 
 
 @pytest.mark.parametrize("qtype", TYPES)
