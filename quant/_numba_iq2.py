@@ -45,13 +45,14 @@ _ABORT = "iq2: ggml aborts on this block"
 
 @functools.cache
 def tables(name: str):
-    """``(glev int32 [G, 8], kmap int32, start int32, count int32, nbi int32 [E], nbl int8 [8*E])``.
+    """``(glev int32 [G, 8], kmap int32, start, count, pstart int32 [43692], nbi int32, nbl int8)``.
 
     ``kmap[u] >= 0``: grid index; otherwise the neighbour list of ``u`` is entries
     ``start[u] .. start[u] + count[u] - 1`` of ``nbi`` (grid indices, ggml's order).  ``nbl``
-    holds their levels (0..2) transposed list by list: level i of entry j of the list that
-    starts at entry ``st`` with ``cnt`` entries is ``nbl[8*st + i*cnt + j]``, so one list is
-    one contiguous run of memory and each coordinate is a unit-stride row of it.
+    holds their levels (0..2) transposed list by list and padded to a multiple of 8 entries
+    (``cp = (count + 7) & ~7``): level i of entry j is ``nbl[8*pstart[u] + i*cp + j]``, so
+    one list is one contiguous run of memory, each coordinate a unit-stride row of it, and
+    the candidate loop runs in whole SIMD vectors.
     """
     t = iq2_tables(name)
     glev = (t.grid.astype(np.int32) - 1) // 2
@@ -60,21 +61,24 @@ def tables(name: str):
     off = np.flatnonzero(kmap < 0)
     pos = -kmap[off] - 1
     cnt = nb[pos]
+    cp = (cnt + 7) & ~7
     start = np.zeros(IQ2_KMAP_SIZE, np.int32)
     count = np.zeros(IQ2_KMAP_SIZE, np.int32)
+    pstart = np.zeros(IQ2_KMAP_SIZE, np.int32)
     first = np.cumsum(cnt) - cnt
+    pfirst = np.cumsum(cp) - cp
     start[off] = first
     count[off] = cnt
+    pstart[off] = pfirst
     seg = np.repeat(np.arange(off.size), cnt)
     rank = np.arange(seg.size) - first[seg]
     nbi = nb[pos[seg] + 1 + rank].astype(np.int32)
     lev = glev[nbi]  # [E, 8]
-    nbl = np.empty(8 * nbi.size, np.int8)
-    # entry e = first[s] + rank, coordinate i -> 8*first[s] + i*cnt[s] + rank
+    nbl = np.zeros(8 * int(cp.sum()), np.int8)
     for i in range(8):
-        nbl[8 * first[seg] + i * cnt[seg] + rank] = lev[:, i]
-    assert cnt.max() < _MAXCNT
-    return (np.ascontiguousarray(glev), kmap, start, count, nbi, nbl)
+        nbl[8 * pfirst[seg] + i * cp[seg] + rank] = lev[:, i]
+    assert cp.max() <= _MAXCNT
+    return (np.ascontiguousarray(glev), kmap, start, count, pstart, nbi, nbl)
 
 
 @njit(inline="always", **_JIT)
@@ -95,7 +99,7 @@ def _pick(lv, a, b, c):
 
 
 @njit(**_JIT)
-def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap, start, count, nbi, nbl):
+def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap, start, count, pstart, nbi, nbl):
     """The scale search of one sub-block and its final requantization; returns the scale.
 
     Trials ``is = lo..hi``: ``id = (5 + is*0.1f)/denom``, levels
@@ -152,6 +156,7 @@ def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap,
             on[1, k] = 0
             st = start[u]
             cnt = count[u]
+            cp = (cnt + 7) & ~7
             a0, e0, c0 = _terms(xv[k8], wa[k8], sc)
             a1, e1, c1 = _terms(xv[k8 + 1], wa[k8 + 1], sc)
             a2, e2, c2 = _terms(xv[k8 + 2], wa[k8 + 2], sc)
@@ -161,16 +166,17 @@ def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap,
             a6, e6, c6 = _terms(xv[k8 + 6], wa[k8 + 6], sc)
             a7, e7, c7 = _terms(xv[k8 + 7], wa[k8 + 7], sc)
             # unsigned offsets: numba then needs no negative-index wraparound and LLVM
-            # vectorizes the loop with plain contiguous loads
-            b0 = np.uint64(8 * st)
-            b1 = b0 + np.uint64(cnt)
-            b2 = b1 + np.uint64(cnt)
-            b3 = b2 + np.uint64(cnt)
-            b4 = b3 + np.uint64(cnt)
-            b5 = b4 + np.uint64(cnt)
-            b6 = b5 + np.uint64(cnt)
-            b7 = b6 + np.uint64(cnt)
-            for j in range(np.uint64(cnt)):
+            # vectorizes the loop with plain contiguous loads; cp is a whole number of vectors
+            ucp = np.uint64(cp)
+            b0 = np.uint64(8 * pstart[u])
+            b1 = b0 + ucp
+            b2 = b1 + ucp
+            b3 = b2 + ucp
+            b4 = b3 + ucp
+            b5 = b4 + ucp
+            b6 = b5 + ucp
+            b7 = b6 + ucp
+            for j in range(ucp):
                 d = _Z + _pick(nbl[b0 + j], a0, e0, c0)
                 d = d + _pick(nbl[b1 + j], a1, e1, c1)
                 d = d + _pick(nbl[b2 + j], a2, e2, c2)
@@ -180,11 +186,10 @@ def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap,
                 d = d + _pick(nbl[b6 + j], a6, e6, c6)
                 d = d + _pick(nbl[b7 + j], a7, e7, c7)
                 d2[j] = d
-            n8 = (cnt + 7) & ~7
-            for j in range(cnt, n8):
+            for j in range(cnt, cp):  # padding entries never win
                 d2[j] = _FLT_MAX
             m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _FLT_MAX
-            for j in range(0, n8, 8):  # 8 interleaved partial minima (NaN never wins)
+            for j in range(0, cp, 8):  # 8 interleaved partial minima (NaN never wins)
                 v = d2[j]
                 m0 = v if v < m0 else m0
                 v = d2[j + 1]
@@ -284,7 +289,7 @@ def _prep(x, xo, qw, qo, use_qw, sigma2, gs, parity, w, wa, xv, signs):
 
 
 @njit(**_JIT)
-def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbl, out):
+def _kxxs(x, n, qw, glev, kmap, start, count, pstart, nbi, nbl, out):
     """``quantize_row_iq2_xxs_impl`` over the flat rows ``x`` (66 bytes per super-block)."""
     nbl_row = n // QK_K
     nblk = x.size // QK_K
@@ -319,7 +324,7 @@ def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbl, out):
                 continue
             for i in range(32):
                 LL[0, i] = Lqp[i]
-            scale = _fit(32, -6, 6, eff_max, scale, True, xv, w, wa, LL, on, d2, glev, kmap, start, count, nbi, nbl)
+            scale = _fit(32, -6, 6, eff_max, scale, True, xv, w, wa, LL, on, d2, glev, kmap, start, count, pstart, nbi, nbl)
             if scale < _Z:
                 scale = -scale
                 for k in range(4):
@@ -349,7 +354,7 @@ def _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbl, out):
 
 
 @njit(**_JIT)
-def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbl, out):
+def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, pstart, nbi, nbl, out):
     """``quantize_row_iq2_xs_impl`` (74 bytes) / ``quantize_row_iq2_s_impl`` (82 bytes)."""
     nbl_row = n // QK_K
     nblk = x.size // QK_K
@@ -384,7 +389,7 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, nbi, nbl, out):
                 continue
             for i in range(16):
                 LL[0, i] = 0
-            scale = _fit(16, -9, 9, mx, mx / _FIVE, False, xv, w, wa, LL, on, d2, glev, kmap, start, count, nbi, nbl)
+            scale = _fit(16, -9, 9, mx, mx / _FIVE, False, xv, w, wa, LL, on, d2, glev, kmap, start, count, pstart, nbi, nbl)
             if scale < _Z:
                 scale = -scale
                 m = 255 if s_type else 127
@@ -428,12 +433,12 @@ def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out
     """Hook for ``quant._numba._run``: IQ2_XXS / IQ2_XS / IQ2_S of the flat rows ``x`` into ``out``."""
     if name != "IQ2_S" and not use_qw:
         raise ValueError(f"{name} needs quant weights")
-    glev, kmap, start, count, nbi, nbl = tables(name)
+    glev, kmap, start, count, pstart, nbi, nbl = tables(name)
     try:
         if name == "IQ2_XXS":
-            _kxxs(x, n, qw, glev, kmap, start, count, nbi, nbl, out)
+            _kxxs(x, n, qw, glev, kmap, start, count, pstart, nbi, nbl, out)
         else:
-            _kxs_s(x, n, qw, use_qw, name == "IQ2_S", glev, kmap, start, count, nbi, nbl, out)
+            _kxs_s(x, n, qw, use_qw, name == "IQ2_S", glev, kmap, start, count, pstart, nbi, nbl, out)
     except ValueError as e:
         if str(e) != _ABORT:
             raise
