@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build llama.cpp's command-line tools used by the tests (llama-gguf-split, llama-imatrix,
 # llama-perplexity, llama-quantize) from the llama-cpp-python 0.3.36 sdist, the same
-# llama.cpp source as the test oracle.  CPU only, -DGGML_NATIVE=ON like the wheel, static.
+# llama.cpp source as the test oracle.  CPU only, -DGGML_NATIVE=ON like the wheel (less AMX on
+# x86-64, see below), static.
 #
 # The binaries go to a per-user cache that outlives the repository
 #   ${GGUF_MOE_CACHE:-${XDG_CACHE_HOME:-~/.cache}/gguf-moe}/llama.cpp-<version>-<key>/bin
@@ -21,6 +22,13 @@ FLAGS=(
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON
 )
+# x86-64: without AMX.  -march=native turns ggml's AMX matrix kernels on where the CPU lists
+# AMX, and in virtual machines that do not grant the AMX register state they stop with a
+# general protection fault (ldtilecfg in ggml_backend_amx_mul_mat) on every quantized model.
+if [ "$(uname -m)" = x86_64 ]; then
+    NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    FLAGS+=("-DCMAKE_C_FLAGS=$NOAMX" "-DCMAKE_CXX_FLAGS=$NOAMX")
+fi
 CXX_ID=$(${CXX:-c++} --version 2>/dev/null | head -1 || echo none)
 CPU_ID=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
 KEY=$(printf '%s\n' "$VER" "${FLAGS[*]}" "${TARGETS[*]}" "$CXX_ID" "$CPU_ID" | sha256sum | cut -c1-12)
