@@ -354,6 +354,7 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
                 scale = -scale
                 shift = -shift
             q0, q1, q2 = (_P0, _P1, _P2) if shift == 1 else (_M0, _M1, _M2)
+            dlt = -q0  # levels are lv - 0.875 (x_p) or lv - 1.125 (x_m)
             moved = False
             for k in range(4):
                 u = 0
@@ -372,7 +373,7 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
                 for k in range(4):
                     for j in range(8):
                         lv = glev[8 * idx[k] + j]
-                        q = q0 if lv == 0 else (q1 if lv == 1 else q2)
+                        q = F32(lv) - dlt  # == (q0, q1, q2)[lv], exactly
                         wq = W[(8 * k + j) * NL + s] * q
                         sumqx += wq * X[(8 * k + j) * NL + s]
                         sumq2 += wq * q
@@ -581,10 +582,10 @@ def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
                 sumq2 = _Z
                 for k in range(2):
                     neg_half = kk >= 2 if k == 0 else kk % 2 == 1
-                    q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
+                    dlt = -_M0 if neg_half else -_P0
                     for j in range(8):
                         lv = glev[8 * fidx[2 * s + k] + j]
-                        q = q0 if lv == 0 else (q1 if lv == 1 else q2)
+                        q = F32(lv) - dlt  # == (q0, q1, q2)[lv], exactly
                         wq = W[(8 * k + j) * NL + s] * q
                         sumqx += wq * X[(8 * k + j) * NL + s]
                         sumq2 += wq * q
@@ -635,11 +636,11 @@ def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
                 kk = fshift[s]
                 for k in range(2):
                     neg_half = kk >= 2 if k == 0 else kk % 2 == 1
-                    q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
+                    dlt = -_M0 if neg_half else -_P0
                     gi = fidx[2 * s + k]
                     for j in range(8):
                         lv = glev[8 * gi + j]
-                        q = (q0 if lv == 0 else (q1 if lv == 1 else q2)) * mult
+                        q = (F32(lv) - dlt) * mult  # (q0, q1, q2)[lv] exactly, times 2l+1
                         wq = W[(8 * k + j) * NL + s] * q
                         sumqx += wq * X[(8 * k + j) * NL + s]
                         sumq2 += wq * q
