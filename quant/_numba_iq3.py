@@ -494,6 +494,10 @@ _KERNELS = {"scalar": _make_kernel(_search_scalar), "avx2": _make_kernel(_make_s
 
 def _host_simd() -> str:
     """``"avx2"`` or ``"scalar"``: the neighbour search this CPU runs."""
+    from numba.core import config
+
+    if config.CPU_NAME is not None:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compile for that target
+        return "avx2" if "+avx2" in (config.CPU_FEATURES or "").split(",") else "scalar"
     try:
         from llvmlite import binding
 
