@@ -8,9 +8,15 @@ Layout follows ``quant._numba``: a tile of ``NL`` sub-blocks (32 values each, ``
 super-blocks) is transposed into flat float32 buffers, value i of lane s at ``i*NL + s``,
 so the elementwise steps of every scale candidate (levels, grid codes, the two sums) are
 loops over lanes that LLVM vectorizes; each lane does exactly the float32 operations of its
-C sub-block in C order.  The neighbour search for codes off the grid is a scalar loop over
-the lanes that need it.  ``nearest_int`` is the bit trick everywhere (IQ3_S quantizes
-sub-blocks of subnormal values, where ``id`` overflows to inf).
+C sub-block in C order.  The groups off the grid are listed (branch-free) and searched one
+by one: ``_search_scalar``, or on x86-64 with AVX2 the vector search of ``_make_best`` (8
+candidates per ``vpermps``); ``SEARCH`` says which runs, both give C's choice.
+``nearest_int`` is the bit trick everywhere (IQ3_S quantizes sub-blocks of subnormal
+values, where ``id`` overflows to inf).
+
+Input where C's neighbour search finds no candidate (every distance inf or NaN: values of
+~1e13 and more) makes ggml abort; the kernels report the sub-block and ``quantize`` raises
+``QuantError``.
 """
 
 from __future__ import annotations
@@ -64,9 +70,10 @@ def tables(name: str):
     voff = np.zeros(nbr.size, np.int64)
     voff[starts] = 32 * np.concatenate(([0], np.cumsum(nch)[:-1]))
     vidx = np.zeros(32 * int(nch.sum()), np.int32)
-    for st, cnt, vo in zip(starts, counts, voff[starts]):
-        for j in range(cnt):
-            vidx[vo + 32 * (j // 8) + 8 * np.arange(4) + j % 8] = lev[nbr[st + 1 + j]]
+    li = np.repeat(np.arange(starts.size), counts)  # list of each candidate
+    j = np.arange(li.size) - np.repeat(np.cumsum(counts) - counts, counts)  # position in its list
+    at = voff[starts][li] + 32 * (j // 8) + j % 8
+    vidx[at[:, None] + 8 * np.arange(4)[None, :]] = lev[nbr[starts[li] + 1 + j]]
     return (
         np.ascontiguousarray(idx.reshape(-1), dtype=np.int8),
         np.ascontiguousarray(lev.reshape(-1)),
