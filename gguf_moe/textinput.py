@@ -26,6 +26,7 @@ adds BOS.  Both tools refuse fewer than ``2 * ctx`` tokens.
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from gguf_moe.errors import ConfigError, TokenizerError
 __all__ = ["LlamaTokenizer", "load_tokenizer", "make_chunks", "read_text"]
 
 _USER_DEFINED = 4  # llama_token_type
+_WORD_JOIN = re.compile("[^\u2581]\u2581")
+_WORD_START = re.compile("(?<=[^\u2581])(?=\u2581)")
 _BYTE = 6
 
 
@@ -77,6 +80,11 @@ class LlamaTokenizer:
             key=lambda x: -len(x[0]),
         )
         self._hf = None
+        # Merges never join a piece to a following "▁" unless some token has a
+        # non-"▁" character followed by "▁"; when none does, the text can be cut
+        # before each word's leading "▁" run and each piece tokenized on its own with
+        # the same result and a fraction of the memory.
+        self._spm_split = self.model == "llama" and not any(_WORD_JOIN.search(t) for t in self.tokens)
 
     # ------------------------------------------------------------------ fragments
 
@@ -111,7 +119,9 @@ class LlamaTokenizer:
                 continue
             if self.model == "llama":
                 s = (" " + f) if (self.add_space_prefix and prev_special) else f
-                out.extend(self._spm(s.replace(" ", "\u2581")))
+                s = s.replace(" ", "\u2581")
+                for piece in (_WORD_START.split(s) if self._spm_split else (s,)):
+                    out.extend(self._spm(piece))
             else:
                 out.extend(self._bpe(f))
             prev_special = False
