@@ -159,7 +159,14 @@ class SourceWeights:
         return GGMLQuantizationType.F32
 
     def get(self, name: str) -> np.ndarray:
-        return self._t[name].read()
+        """The tensor as float32, read in row chunks (few temporaries beside the result)."""
+        t = self._t[name]
+        out = np.empty((t.n_rows, t.n_cols), dtype=np.float32)
+        r = 0
+        for c in t.iter_chunks(max(1, (4 << 20) // max(1, t.n_cols))):
+            out[r : r + len(c)] = c
+            r += len(c)
+        return out.reshape(t.shape)
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of a 2-D tensor (the embedding), read chunk by chunk."""
