@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gguf_moe.presets import Preset
     from gguf_moe.source import SourceModel
 
-__all__ = ["add_model_metadata", "tokenizer_kvs", "load_recipe", "recipe_kvs", "MOE_PREFIX"]
+__all__ = ["add_model_metadata", "tokenizer_kvs", "load_recipe", "recipe_kvs", "MOE_PREFIX", "ROUTING_KEYS"]
 
 MOE_PREFIX = "moe."
 RECIPE_FILE = "mergekit_moe_config.yml"
@@ -137,11 +137,12 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
     """``TextModel.set_gguf_parameters`` + ``LlamaModel`` / ``Qwen2MoeModel``'s additions,
     in order; optional keys only when config.json has them (as the converter does)."""
     cfg, hp = model.config, model.hparams
+    ff_field = model.routing.feed_forward if model.routing is not None else "n_ff"
     w.add_block_count(hp["n_layer"])
     if cfg.get("max_position_embeddings") is not None:
         w.add_context_length(int(cfg["max_position_embeddings"]))
     w.add_embedding_length(hp["n_embd"])
-    w.add_feed_forward_length(hp["n_ff"])
+    w.add_feed_forward_length(hp[ff_field])
     w.add_head_count(hp["n_head"])
     if cfg.get("num_key_value_heads") is not None:
         w.add_head_count_kv(hp["n_head_kv"])
@@ -174,18 +175,28 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
     if hp["n_expert"]:
         w.add_expert_count(hp["n_expert"])
         w.add_expert_used_count(hp["n_expert_used"])
+    if cfg.get("scoring_func") == "softmax":  # (the converter's score-function keys; the only one we read)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     if hp["head_dim_explicit"]:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
     w.add_file_type(file_type)
-    if model.gguf_arch == gguf.MODEL_ARCH.LLAMA:
-        w.add_vocab_size(hp["vocab_size"])
-        w.add_rope_dimension_count(hp["head_dim"])
-    elif model.gguf_arch == gguf.MODEL_ARCH.QWEN2MOE:
-        if cfg.get("moe_intermediate_size") is not None:
-            w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
-        if cfg.get("shared_expert_intermediate_size") is not None:
-            w.add_expert_shared_feed_forward_length(int(cfg["shared_expert_intermediate_size"]))
+    if model.spec is not None and model.spec.write_kvs is not None:
+        model.spec.write_kvs(w, model)
+
+
+#: written only to a file whose routing differs from its source's (``--allow-routing-mismatch``)
+ROUTING_KEYS = ("moe.routing.file", "moe.routing.source")
+
+
+def add_routing_kvs(w: gguf.GGUFWriter, model: SourceModel) -> None:
+    """Record, in a file that computes another routing than its source (written on
+    request), what each of them computes."""
+    r = model.routing
+    if r is None or r.faithful:
+        return
+    w.add_string(ROUTING_KEYS[0], r.file)
+    w.add_string(ROUTING_KEYS[1], r.source)
 
 
 def _move_to_end(w: gguf.GGUFWriter, key: str) -> None:
@@ -225,12 +236,13 @@ def add_model_metadata(
     if tokenizer is None:
         tokenizer = tokenizer_kvs(model, pre_tokenizer)
     for key, val in tokenizer.items():
-        if key == Keys.Tokenizer.ADD_PREFIX and model.gguf_arch != gguf.MODEL_ARCH.LLAMA:
+        if key == Keys.Tokenizer.ADD_PREFIX and not (model.spec is not None and model.spec.writes_add_prefix):
             continue  # only LlamaModel.set_vocab writes it
         w.add_key_value(key, val.value, val.type, sub_type=val.sub_type)
     if rec is not None:
         for key, val, vtype, sub in recipe_kvs(rec):
             w.add_key_value(key, val, vtype, sub_type=sub)
+    add_routing_kvs(w, model)
     if not preset.is_float:
         # llama-quantize re-sets these two keys, which moves them to the end.
         _move_to_end(w, Keys.General.QUANTIZATION_VERSION)

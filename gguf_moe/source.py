@@ -1,7 +1,7 @@
 """Read a Hugging Face model directory (config.json + safetensors) without loading it.
 
 ``open_model(src_dir)`` parses config.json and every safetensors header, checks them
-against each other and against the architecture table (``gguf_moe.arch``), and returns a
+against each other and against the architecture modules (``gguf_moe.archs``), and returns a
 :class:`SourceModel` whose ``tensors`` are the GGUF tensors to write, in llama.cpp's file
 order.  Nothing is read beyond the headers until a tensor's ``iter_chunks`` runs; data then
 comes through a read-only memory map of the shard, one expert / row chunk at a time:
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from gguf_moe import arch as archmod
+from gguf_moe import archs as archmod
+from gguf_moe.archs.base import HParams, Routing
 from gguf_moe.errors import ConfigError, CorruptFile, LayoutMismatch, MissingTensor, UnsupportedArchitecture
 
 __all__ = [
@@ -270,8 +271,11 @@ def _rope(config: dict) -> dict:
     return params
 
 
-def normalize_hparams(config: dict, config_path: Path, *, moe: bool, spec: archmod.ArchSpec | None = None) -> dict[str, Any]:
-    """The numbers the conversion needs, under short names, checked."""
+def normalize_hparams(
+    config: dict, config_path: Path, *, moe: bool, spec: archmod.ArchSpec | None = None, layout: str | None = None
+) -> HParams:
+    """The numbers the conversion needs, checked, as a frozen :class:`HParams`; the
+    architecture's ``read_hparams`` adds its own fields."""
 
     def need(key: str, *alts: str) -> int:
         for k in (key, *alts):
@@ -351,7 +355,11 @@ def normalize_hparams(config: dict, config_path: Path, *, moe: bool, spec: archm
     hp["sliding_window"] = config.get("sliding_window")
     hp["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     hp["dtype"] = config.get("dtype", config.get("torch_dtype"))
-    return hp
+    if spec is not None and spec.read_hparams is not None:
+        hp.update(spec.read_hparams(config, need, {"moe": moe, "layout": layout, "config_path": config_path}))
+    for k in ("n_vocab", "n_q", "n_kv", "one"):  # derived (HParams properties)
+        hp.pop(k, None)
+    return HParams(**hp)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -452,10 +460,23 @@ class SourceModel:
     name: str
     tensors: list[SourceTensor]
     raw: dict[str, RawTensor] = field(repr=False)
+    spec: archmod.ArchSpec | None = field(default=None, repr=False)
+    #: the llama.cpp architecture written (``arch``/``gguf_arch``) and what its routing computes
+    routing: Routing | None = None
 
     @property
     def n_expert(self) -> int:
-        return self.hparams["n_expert"]
+        return self.hparams.n_expert
+
+    def check_routing(self, allow_mismatch: bool = False) -> str | None:
+        """Refuse (ConfigError) a model no llama.cpp architecture computes faithfully,
+        unless ``allow_mismatch``; then return the warning to show, else None."""
+        r = self.routing
+        if r is None or r.faithful:
+            return None
+        if not allow_mismatch:
+            raise ConfigError(f"{self.path}: no faithful llama.cpp file: {r.why}")
+        return f"{self.path}: routing differs from the source: the file computes {r.file}, the source {r.source}"
 
     def close(self) -> None:
         _close_shards(self.raw)
@@ -558,37 +579,6 @@ def _build(
     )
 
 
-def _llama3_rope_factors(hp: dict) -> np.ndarray | None:
-    """Llama 3.1 rope scaling: llama.cpp's converter stores per-frequency factors as the
-    F32 tensor ``rope_freqs.weight`` (``LlamaModel.generate_extra_tensors``).  Computed in
-    float32 step by step as the converter's torch code does."""
-    rope = hp["rope"]
-    if not (isinstance(rope.get("rope_type"), str) and rope["rope_type"].lower() == "llama3"):
-        return None
-    f32 = np.float32
-    dim = hp["head_dim"]
-    base = f32(rope.get("rope_theta", 10000.0))
-    factor = rope.get("factor", 8.0)
-    low = rope.get("low_freq_factor", 1.0)
-    high = rope.get("high_freq_factor", 4.0)
-    old_ctx = rope.get("original_max_position_embeddings", 8192)
-    low_wavelen = old_ctx / low  # Python floats, as upstream
-    high_wavelen = old_ctx / high
-    exps = np.arange(0, dim, 2, dtype=f32) / f32(dim)
-    freqs = f32(1.0) / np.power(base, exps, dtype=f32)
-    out = []
-    for freq in freqs:
-        wavelen = f32(2 * math.pi) / freq
-        if wavelen < high_wavelen:
-            out.append(f32(1))
-        elif wavelen > low_wavelen:
-            out.append(f32(factor))
-        else:
-            smooth = (f32(old_ctx) / wavelen - f32(low)) / f32(high - low)
-            out.append(f32(1) / ((f32(1) - smooth) / f32(factor) + smooth))
-    return np.array(out, dtype=f32)
-
-
 def open_model(src_dir: str | os.PathLike) -> SourceModel:
     """Read config.json and all safetensors headers of ``src_dir``; check everything that
     can be checked without reading weights."""
@@ -614,15 +604,18 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
         )
     raw = index_tensors(src)
     layout = None
-    for key in spec.layouts:
-        cand = archmod.BLOCK_LAYOUTS[key]
+    for cand in spec.layouts:
         if cand.detect.format(L=0) in raw:
             layout = cand
             break
     if layout is None:
-        tried = ", ".join(archmod.BLOCK_LAYOUTS[k].detect.format(L=0) for k in spec.layouts)
+        tried = ", ".join(lay.detect.format(L=0) for lay in spec.layouts)
         raise MissingTensor(f"{src}: no tensor of block 0 found for {hf_arch} (looked for {tried}); is the checkpoint complete?")
-    hp = normalize_hparams(config, config_path, moe=layout.moe, spec=spec)
+    try:
+        hp = normalize_hparams(config, config_path, moe=layout.moe, spec=spec, layout=layout.name)
+    except BaseException:
+        _close_shards(raw)
+        raise
     try:
         tensors: list[SourceTensor] = []
         used: set[str] = set()
@@ -646,26 +639,25 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
     except BaseException:
         _close_shards(raw)
         raise
-    rope_freqs = _llama3_rope_factors(hp) if spec.gguf_arch == MODEL_ARCH.LLAMA else None
-    if rope_freqs is not None:
-        name, kind = archmod.gguf_name(spec.gguf_arch, hp["n_layer"], "rope_freqs")
-        tensors.append(
-            SourceTensor(name, rope_freqs.shape, kind, True, ("config.json rope_parameters (llama3)",), "F32", (),
-                         computed=rope_freqs)
-        )  # fmt: skip
+    for hf_name, values, origin in spec.extra_tensors(hp) if spec.extra_tensors else ():
+        name, kind = archmod.gguf_name(spec.gguf_arch, hp.n_layer, hf_name)
+        tensors.append(SourceTensor(name, values.shape, kind, True, (origin,), "F32", (), computed=values))
     tensors.sort(key=lambda t: llama_sort_key(t.name))
     name = src.resolve().name
+    routing = spec.route(hp)
     return SourceModel(
         path=src,
         config=config,
         hparams=hp,
         hf_arch=hf_arch,
-        arch=str(gguf_arch_name(spec.gguf_arch)),
-        gguf_arch=spec.gguf_arch,
+        arch=str(gguf_arch_name(routing.gguf_arch)),
+        gguf_arch=routing.gguf_arch,
         layout=layout.name,
         name=name,
         tensors=tensors,
         raw=raw,
+        spec=spec,
+        routing=routing,
     )
 
 
