@@ -99,15 +99,18 @@ def _pick(lv, a, b, c):
 
 
 @njit(**_JIT)
-def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap, start, count, pstart, nbi, nbl):
+def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, LT, ON, fs, d2, glev, kmap, start, count, pstart, nbi, nbl):
     """The scale search of one sub-block and its final requantization; returns the scale.
 
-    Trials ``is = lo..hi``: ``id = (5 + is*0.1f)/denom``, levels
-    ``clamp(nearest_int(0.5f*(id*x - 1)), 0, 2)`` into ``LL[1]``, each 8-group looked up and,
-    off the grid, replaced by its best neighbour at ``1/id``; a trial with a strictly larger
-    ``sumqx**2/sumq2`` becomes the best (``LL[0]``, ``on[0]``).  Then one more pass at the best
-    scale requantizes into ``LL[0]`` every group (``all_refit``: IQ2_XXS) or the groups left
-    off the grid (IQ2_XS/S), and refits the scale.  ``LL[0]`` holds the initial levels.
+    Trials ``is = lo..hi`` (column ``t = is - lo`` of ``LT``/``ON``/``fs``): ``id = (5 +
+    is*0.1f)/denom``, levels ``clamp(nearest_int(0.5f*(id*x - 1)), 0, 2)``, each 8-group
+    looked up and, off the grid, replaced by its best neighbour at ``1/id``; the first trial
+    with a strictly larger ``sumqx**2/sumq2`` than all before it wins (C's sequential test).
+    The trials are independent until that test, so levels and sums are computed for all
+    trials at once (loops over trials that LLVM vectorizes, each trial's sums still
+    sequential over the values).  Then one more column at the best scale requantizes every
+    group (``all_refit``: IQ2_XXS) or the groups left off the grid (IQ2_XS/S), and refits
+    the scale.  ``LL[0]`` holds the initial levels on entry and the final ones on return.
 
     Everything runs in this one function: helper calls taking arrays cost reference-count
     updates (atomic) per call in numba, more than the search itself.
@@ -119,118 +122,147 @@ def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, on, d2, glev, kmap,
     minimum below FLT_MAX (C's strict ``<`` scan) is the first candidate equal to it.
     """
     ng = gs // 8
-    best = _Z
-    for k in range(ng):
-        on[0, k] = 1
-    for it in range(lo, hi + 2):
-        refit = it > hi
-        if refit:
-            if not scale > _Z:
-                break
-            anyoff = all_refit
-            for k in range(ng):
-                if on[0, k] == 0:
-                    anyoff = True
-            if not anyoff:
-                break
-            id_ = _ONE / scale
-            sc = scale
-            t = 0
+    nt = hi - lo + 1
+    for t in range(nt):
+        id_ = (_FIVE + F32(lo + t) * _TENTH) / denom
+        fs[0, t] = id_
+        fs[1, t] = _ONE / id_
+    for i in range(gs):
+        x = xv[i]
+        for t in range(nt):
+            l_ = _nint(_HALF * (fs[0, t] * x - _ONE))
+            LT[i, t] = 0 if l_ < 0 else (2 if l_ > 2 else l_)
+    onmask = (1 << ng) - 1  # groups of the best levels that were on the grid
+    refitted = False
+    for pss in range(2):
+        if pss == 0:
+            t0 = 0
+            t1 = nt
         else:
-            id_ = (_FIVE + F32(it) * _TENTH) / denom
-            sc = _ONE / id_
-            t = 1
-        for k in range(ng):
-            k8 = 8 * k
-            if refit and not all_refit and on[0, k] != 0:
-                continue
-            u = 0
-            for i in range(8):
-                l_ = _nint(_HALF * (id_ * xv[k8 + i] - _ONE))
-                l_ = 0 if l_ < 0 else (2 if l_ > 2 else l_)
-                LL[t, k8 + i] = l_
-                u |= l_ << (2 * i)
-            if kmap[u] >= 0:
-                on[1, k] = 1
-                continue
-            on[1, k] = 0
-            st = start[u]
-            cnt = count[u]
-            cp = (cnt + 7) & ~7
-            a0, e0, c0 = _terms(xv[k8], wa[k8], sc)
-            a1, e1, c1 = _terms(xv[k8 + 1], wa[k8 + 1], sc)
-            a2, e2, c2 = _terms(xv[k8 + 2], wa[k8 + 2], sc)
-            a3, e3, c3 = _terms(xv[k8 + 3], wa[k8 + 3], sc)
-            a4, e4, c4 = _terms(xv[k8 + 4], wa[k8 + 4], sc)
-            a5, e5, c5 = _terms(xv[k8 + 5], wa[k8 + 5], sc)
-            a6, e6, c6 = _terms(xv[k8 + 6], wa[k8 + 6], sc)
-            a7, e7, c7 = _terms(xv[k8 + 7], wa[k8 + 7], sc)
-            # unsigned offsets: numba then needs no negative-index wraparound and LLVM
-            # vectorizes the loop with plain contiguous loads; cp is a whole number of vectors
-            ucp = np.uint64(cp)
-            b0 = np.uint64(8 * pstart[u])
-            b1 = b0 + ucp
-            b2 = b1 + ucp
-            b3 = b2 + ucp
-            b4 = b3 + ucp
-            b5 = b4 + ucp
-            b6 = b5 + ucp
-            b7 = b6 + ucp
-            for j in range(ucp):
-                d = _Z + _pick(nbl[b0 + j], a0, e0, c0)
-                d = d + _pick(nbl[b1 + j], a1, e1, c1)
-                d = d + _pick(nbl[b2 + j], a2, e2, c2)
-                d = d + _pick(nbl[b3 + j], a3, e3, c3)
-                d = d + _pick(nbl[b4 + j], a4, e4, c4)
-                d = d + _pick(nbl[b5 + j], a5, e5, c5)
-                d = d + _pick(nbl[b6 + j], a6, e6, c6)
-                d = d + _pick(nbl[b7 + j], a7, e7, c7)
-                d2[j] = d
-            for j in range(cnt, cp):  # padding entries never win
-                d2[j] = _FLT_MAX
-            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _FLT_MAX
-            for j in range(0, cp, 8):  # 8 interleaved partial minima (NaN never wins)
-                v = d2[j]
-                m0 = v if v < m0 else m0
-                v = d2[j + 1]
-                m1 = v if v < m1 else m1
-                v = d2[j + 2]
-                m2 = v if v < m2 else m2
-                v = d2[j + 3]
-                m3 = v if v < m3 else m3
-                v = d2[j + 4]
-                m4 = v if v < m4 else m4
-                v = d2[j + 5]
-                m5 = v if v < m5 else m5
-                v = d2[j + 6]
-                m6 = v if v < m6 else m6
-                v = d2[j + 7]
-                m7 = v if v < m7 else m7
-            m = min(min(min(m0, m1), min(m2, m3)), min(min(m4, m5), min(m6, m7)))
-            if not m < _FLT_MAX:
-                raise ValueError(_ABORT)
-            j = 0
-            while d2[j] != m:
-                j += 1
-            gi = nbi[st + j]
-            for i in range(8):
-                LL[t, k8 + i] = glev[gi, i]
+            for t in range(nt):
+                fs[2, t] = _Z
+                fs[3, t] = _Z
+            for i in range(gs):
+                wi = w[i]
+                wx = wi * xv[i]
+                for t in range(nt):
+                    q = F32(2 * LT[i, t] + 1)
+                    fs[2, t] += wx * q
+                    fs[3, t] += (wi * q) * q
+            best = _Z
+            bt = -1
+            for t in range(nt):
+                sumqx = fs[2, t]
+                sumq2 = fs[3, t]
+                if sumq2 > _Z and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    bt = t
+            if bt >= 0:
+                for i in range(gs):
+                    LL[0, i] = LT[i, bt]
+                onmask = 0
+                for k in range(ng):
+                    onmask |= ON[k, bt] << k
+            if not scale > _Z or (not all_refit and onmask == (1 << ng) - 1):
+                break
+            refitted = True
+            id_ = _ONE / scale
+            fs[1, nt] = scale
+            for i in range(gs):
+                if all_refit or not (onmask >> (i // 8)) & 1:
+                    l_ = _nint(_HALF * (id_ * xv[i] - _ONE))
+                    LT[i, nt] = 0 if l_ < 0 else (2 if l_ > 2 else l_)
+                else:
+                    LT[i, nt] = LL[0, i]
+            t0 = nt
+            t1 = nt + 1
+        for t in range(t0, t1):
+            sc = fs[1, t]
+            for k in range(ng):
+                k8 = 8 * k
+                if pss == 1 and not all_refit and (onmask >> k) & 1:
+                    continue
+                u = 0
+                for i in range(8):
+                    u |= LT[k8 + i, t] << (2 * i)
+                if kmap[u] >= 0:
+                    ON[k, t] = 1
+                    continue
+                ON[k, t] = 0
+                st = start[u]
+                cnt = count[u]
+                cp = (cnt + 7) & ~7
+                a0, e0, c0 = _terms(xv[k8], wa[k8], sc)
+                a1, e1, c1 = _terms(xv[k8 + 1], wa[k8 + 1], sc)
+                a2, e2, c2 = _terms(xv[k8 + 2], wa[k8 + 2], sc)
+                a3, e3, c3 = _terms(xv[k8 + 3], wa[k8 + 3], sc)
+                a4, e4, c4 = _terms(xv[k8 + 4], wa[k8 + 4], sc)
+                a5, e5, c5 = _terms(xv[k8 + 5], wa[k8 + 5], sc)
+                a6, e6, c6 = _terms(xv[k8 + 6], wa[k8 + 6], sc)
+                a7, e7, c7 = _terms(xv[k8 + 7], wa[k8 + 7], sc)
+                # unsigned offsets: numba then needs no negative-index wraparound and LLVM
+                # vectorizes the loop with plain contiguous loads; cp is a whole number of vectors
+                ucp = np.uint64(cp)
+                b0 = np.uint64(8 * pstart[u])
+                b1 = b0 + ucp
+                b2 = b1 + ucp
+                b3 = b2 + ucp
+                b4 = b3 + ucp
+                b5 = b4 + ucp
+                b6 = b5 + ucp
+                b7 = b6 + ucp
+                for j in range(ucp):
+                    d = _Z + _pick(nbl[b0 + j], a0, e0, c0)
+                    d = d + _pick(nbl[b1 + j], a1, e1, c1)
+                    d = d + _pick(nbl[b2 + j], a2, e2, c2)
+                    d = d + _pick(nbl[b3 + j], a3, e3, c3)
+                    d = d + _pick(nbl[b4 + j], a4, e4, c4)
+                    d = d + _pick(nbl[b5 + j], a5, e5, c5)
+                    d = d + _pick(nbl[b6 + j], a6, e6, c6)
+                    d = d + _pick(nbl[b7 + j], a7, e7, c7)
+                    d2[j] = d
+                for j in range(cnt, cp):  # padding entries never win
+                    d2[j] = _FLT_MAX
+                m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _FLT_MAX
+                for jb in range(ucp >> np.uint64(3)):  # 8 interleaved partial minima (NaN never wins)
+                    j8 = jb << np.uint64(3)
+                    v = d2[j8]
+                    m0 = v if v < m0 else m0
+                    v = d2[j8 + np.uint64(1)]
+                    m1 = v if v < m1 else m1
+                    v = d2[j8 + np.uint64(2)]
+                    m2 = v if v < m2 else m2
+                    v = d2[j8 + np.uint64(3)]
+                    m3 = v if v < m3 else m3
+                    v = d2[j8 + np.uint64(4)]
+                    m4 = v if v < m4 else m4
+                    v = d2[j8 + np.uint64(5)]
+                    m5 = v if v < m5 else m5
+                    v = d2[j8 + np.uint64(6)]
+                    m6 = v if v < m6 else m6
+                    v = d2[j8 + np.uint64(7)]
+                    m7 = v if v < m7 else m7
+                m = min(min(min(m0, m1), min(m2, m3)), min(min(m4, m5), min(m6, m7)))
+                if not m < _FLT_MAX:
+                    raise ValueError(_ABORT)
+                uj = np.uint64(0)
+                while d2[uj] != m:
+                    uj += np.uint64(1)
+                j = np.int64(uj)
+                gi = nbi[st + j]
+                for i in range(8):
+                    LT[k8 + i, t] = glev[gi, i]
+    if refitted:
         sumqx = _Z
         sumq2 = _Z
         for i in range(gs):
-            q = F32(2 * LL[t, i] + 1)
+            q = F32(2 * LT[i, nt] + 1)
             sumqx += (w[i] * xv[i]) * q
             sumq2 += (w[i] * q) * q
-        if refit:
-            if sumq2 > _Z:
-                scale = sumqx / sumq2
-        elif sumq2 > _Z and sumqx * sumqx > best * sumq2:
+            LL[0, i] = LT[i, nt]
+        if sumq2 > _Z:
             scale = sumqx / sumq2
-            best = scale * sumqx
-            for i in range(gs):
-                LL[0, i] = LL[1, i]
-            for k in range(ng):
-                on[0, k] = on[1, k]
     return scale
 
 
@@ -296,8 +328,10 @@ def _kxxs(x, n, qw, glev, kmap, start, count, pstart, nbi, nbl, out):
     w = np.empty(32, F32)
     wa = np.empty(32, F32)
     xv = np.empty(32, F32)
-    LL = np.zeros((2, 32), np.int64)
-    on = np.zeros((2, 4), np.int64)
+    LL = np.zeros((1, 32), np.int64)
+    LT = np.zeros((32, 14), np.int64)
+    ON = np.zeros((4, 14), np.int64)
+    fs = np.zeros((4, 14), F32)
     Lqp = np.zeros(32, np.int64)
     d2 = np.empty(_MAXCNT, F32)
     signs = np.zeros(4, np.int64)
@@ -324,7 +358,7 @@ def _kxxs(x, n, qw, glev, kmap, start, count, pstart, nbi, nbl, out):
                 continue
             for i in range(32):
                 LL[0, i] = Lqp[i]
-            scale = _fit(32, -6, 6, eff_max, scale, True, xv, w, wa, LL, on, d2, glev, kmap, start, count, pstart, nbi, nbl)
+            scale = _fit(32, -6, 6, eff_max, scale, True, xv, w, wa, LL, LT, ON, fs, d2, glev, kmap, start, count, pstart, nbi, nbl)
             if scale < _Z:
                 scale = -scale
                 for k in range(4):
@@ -363,8 +397,10 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, pstart, nbi, nbl,
     w = np.empty(16, F32)
     wa = np.empty(16, F32)
     xv = np.empty(16, F32)
-    LL = np.zeros((2, 16), np.int64)
-    on = np.zeros((2, 2), np.int64)
+    LL = np.zeros((1, 16), np.int64)
+    LT = np.zeros((16, 20), np.int64)
+    ON = np.zeros((2, 20), np.int64)
+    fs = np.zeros((4, 20), F32)
     d2 = np.empty(_MAXCNT, F32)
     signs = np.zeros(2, np.int64)
     scales = np.empty(16, F32)
@@ -389,7 +425,7 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, pstart, nbi, nbl,
                 continue
             for i in range(16):
                 LL[0, i] = 0
-            scale = _fit(16, -9, 9, mx, mx / _FIVE, False, xv, w, wa, LL, on, d2, glev, kmap, start, count, pstart, nbi, nbl)
+            scale = _fit(16, -9, 9, mx, mx / _FIVE, False, xv, w, wa, LL, LT, ON, fs, d2, glev, kmap, start, count, pstart, nbi, nbl)
             if scale < _Z:
                 scale = -scale
                 m = 255 if s_type else 127
