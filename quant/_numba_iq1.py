@@ -436,6 +436,18 @@ def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
     fscale = np.empty(NL, F32)
     fshift = np.empty(NL, np.int32)
     fidx = np.empty(2 * NL, np.int32)
+    mv = np.zeros(NL, np.bool_)
+    LQ = np.zeros(BS * NL, F32)
+    TX = np.zeros(BS * NL, F32)
+    T2 = np.zeros(BS * NL, F32)
+    RX = np.zeros(NL, F32)
+    R2 = np.zeros(NL, F32)
+    mult = np.ones(NL, F32)
+    has = np.zeros(NL // 16, np.bool_)
+    dsb = np.zeros(NL // 16, F32)
+    scw = np.zeros(4 * (NL // 16), np.int64)
+    SQX = np.zeros(NL // 16, F32)
+    SQ2 = np.zeros(NL // 16, F32)
     L = np.empty(BS, np.int32)
     t = np.empty(24, F32)
     d2 = np.empty(4096, F32)
@@ -545,116 +557,132 @@ def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
                     b1[s] = k1
                     b2[s] = k2
                     bk[s] = kk
-        # per lane: levels, grid points, refit
+        # per lane: levels, grid points; LQ = the shifted level of every value
         for s in range(nl):
-            if amax[s] < _EPS_M or b1[s] < 0:
-                fscale[s] = _Z
-                fshift[s] = 0
-                fidx[2 * s] = 0
-                fidx[2 * s + 1] = 0
-                continue
+            ok = amax[s] >= _EPS_M and b1[s] >= 0
             scale = scl[s]
             kk = bk[s]
-            neg = scale < _Z
-            for i in range(BS):
-                r = R[i * NL + s]
-                lv = np.int32(r >= b1[s]) + np.int32(r >= b2[s])
-                L[i] = 2 - lv if neg else lv
-            if neg:
-                scale = -scale
-                kk = 3 - kk
             moved = False
+            if ok:
+                neg = scale < _Z
+                for i in range(BS):
+                    r = R[i * NL + s]
+                    lv = np.int32(r >= b1[s]) + np.int32(r >= b2[s])
+                    L[i] = 2 - lv if neg else lv
+                if neg:
+                    scale = -scale
+                    kk = 3 - kk
+            else:
+                scale = _Z
+                kk = 0
             for k in range(2):
                 neg_half = kk >= 2 if k == 0 else kk % 2 == 1
-                q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
-                u = 0
-                for j in range(8):
-                    u |= L[8 * k + j] << (2 * j)
-                gi = kmap[u]
-                if gi < 0:
-                    moved = True
-                    gi = _neighbour2(plist, pcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
-                    if gi < 0:
-                        return t0 + s
-                fidx[2 * s + k] = gi
-            if moved:
-                sumqx = _Z
-                sumq2 = _Z
-                for k in range(2):
-                    neg_half = kk >= 2 if k == 0 else kk % 2 == 1
-                    dlt = -_M0 if neg_half else -_P0
+                gi = 0
+                if ok:
+                    q0, q1, q2 = (_M0, _M1, _M2) if neg_half else (_P0, _P1, _P2)
+                    u = 0
                     for j in range(8):
-                        lv = glev[8 * fidx[2 * s + k] + j]
-                        q = F32(lv) - dlt  # == (q0, q1, q2)[lv], exactly
-                        wq = W[(8 * k + j) * NL + s] * q
-                        sumqx += wq * X[(8 * k + j) * NL + s]
-                        sumq2 += wq * q
-                if sumqx > _Z and sumq2 > _Z:
-                    scale = sumqx / sumq2
+                        u |= L[8 * k + j] << (2 * j)
+                    gi = kmap[u]
+                    if gi < 0:
+                        moved = True
+                        gi = _neighbour2(plist, pcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                        if gi < 0:
+                            return t0 + s
+                fidx[2 * s + k] = gi
+                dlt = -_M0 if neg_half else -_P0  # levels are lv - 1.125 (x_m) or lv - 0.875 (x_p)
+                for j in range(8):
+                    LQ[(8 * k + j) * NL + s] = F32(glev[8 * gi + j]) - dlt
             fscale[s] = scale
             fshift[s] = kk
-        # per super-block: qs, qh (+ shift bits), 3-bit scales, refitted fp16 scale
+            mv[s] = moved
+        # refit the scale of the sub-blocks with a group moved to a neighbour (lanes at once)
+        for s in range(NL):
+            RX[s] = _Z
+            R2[s] = _Z
+        for i in range(BS):
+            for s in range(NL):
+                q = LQ[i * NL + s]
+                wq = W[i * NL + s] * q
+                RX[s] += wq * X[i * NL + s]
+                R2[s] += wq * q
+        for s in range(nl):
+            if mv[s] and RX[s] > _Z and R2[s] > _Z:
+                fscale[s] = RX[s] / R2[s]
+        # per super-block: qs, qh (+ shift bits), 3-bit scales
         for b in range(nsup):
             ob = ((t0 // 16) + b) * 56
             mx = _Z
             for ib in range(16):
                 mx = max(mx, fscale[16 * b + ib])
+            has[b] = mx != _Z
             for ib in range(16):
                 s = 16 * b + ib
                 out[ob + 2 * ib] = fidx[2 * s] & 255
                 out[ob + 2 * ib + 1] = fidx[2 * s + 1] & 255
                 h = (fidx[2 * s] >> 8) | ((fidx[2 * s + 1] >> 8) << 4)
-                if mx != _Z:
+                if has[b]:
                     h |= _MASKS[fshift[s]]
                 out[ob + 32 + ib] = h
-            if mx == _Z:
-                for i in range(8):
-                    out[ob + 48 + i] = 0
-                continue
-            d = mx / F32(15.0)
-            idv = _ONE / d
             sc0 = 0
             sc1 = 0
             sc2 = 0
             sc3 = 0
-            sumqx = _Z
-            sumq2 = _Z
-            for ib in range(16):
-                s = 16 * b + ib
-                l = _nint(_HALF * (idv * fscale[s] - _ONE))
-                l = max(0, min(7, l))
-                v = l << (3 * (ib % 4))
-                if ib < 4:
-                    sc0 |= v
-                elif ib < 8:
-                    sc1 |= v
-                elif ib < 12:
-                    sc2 |= v
-                else:
-                    sc3 |= v
-                mult = F32(2 * l + 1)
-                kk = fshift[s]
-                for k in range(2):
-                    neg_half = kk >= 2 if k == 0 else kk % 2 == 1
-                    dlt = -_M0 if neg_half else -_P0
-                    gi = fidx[2 * s + k]
-                    for j in range(8):
-                        lv = glev[8 * gi + j]
-                        q = (F32(lv) - dlt) * mult  # (q0, q1, q2)[lv] exactly, times 2l+1
-                        wq = W[(8 * k + j) * NL + s] * q
-                        sumqx += wq * X[(8 * k + j) * NL + s]
-                        sumq2 += wq * q
-            if sumq2 > _Z:
-                d = sumqx / sumq2
+            dsb[b] = mx / F32(15.0)
+            if has[b]:
+                idv = _ONE / dsb[b]
+                for ib in range(16):
+                    s = 16 * b + ib
+                    l = _nint(_HALF * (idv * fscale[s] - _ONE))
+                    l = max(0, min(7, l))
+                    v = l << (3 * (ib % 4))
+                    if ib < 4:
+                        sc0 |= v
+                    elif ib < 8:
+                        sc1 |= v
+                    elif ib < 12:
+                        sc2 |= v
+                    else:
+                        sc3 |= v
+                    mult[s] = F32(2 * l + 1)
+            else:
+                for ib in range(16):
+                    mult[16 * b + ib] = _ONE
+            scw[4 * b] = sc0
+            scw[4 * b + 1] = sc1
+            scw[4 * b + 2] = sc2
+            scw[4 * b + 3] = sc3
+        # the super-block scale refit with the 3-bit scales: terms for all lanes at once, then
+        # sequential sums over each super-block's 256 values in C order (ib, group, j)
+        for i in range(BS):
+            for s in range(NL):
+                q = LQ[i * NL + s] * mult[s]
+                wq = W[i * NL + s] * q
+                TX[i * NL + s] = wq * X[i * NL + s]
+                T2[i * NL + s] = wq * q
+        for b in range(nsup):
+            SQX[b] = _Z
+            SQ2[b] = _Z
+        for ib in range(16):
+            for i in range(BS):
+                for b in range(nsup):  # independent chains, one per super-block
+                    o = i * NL + 16 * b + ib
+                    SQX[b] += TX[o]
+                    SQ2[b] += T2[o]
+        for b in range(nsup):
+            ob = ((t0 // 16) + b) * 56
+            if not has[b]:
+                for i in range(8):
+                    out[ob + 48 + i] = 0
+                continue
+            d = dsb[b]
+            if SQ2[b] > _Z:
+                d = SQX[b] / SQ2[b]
             hs = _f16(d * F32(1.1125))
-            sc0 |= (hs & 0x000F) << 12
-            sc1 |= (hs & 0x00F0) << 8
-            sc2 |= (hs & 0x0F00) << 4
-            sc3 |= hs & 0xF000
-            _put16(out, ob + 48, sc0)
-            _put16(out, ob + 50, sc1)
-            _put16(out, ob + 52, sc2)
-            _put16(out, ob + 54, sc3)
+            _put16(out, ob + 48, scw[4 * b] | ((hs & 0x000F) << 12))
+            _put16(out, ob + 50, scw[4 * b + 1] | ((hs & 0x00F0) << 8))
+            _put16(out, ob + 52, scw[4 * b + 2] | ((hs & 0x0F00) << 4))
+            _put16(out, ob + 54, scw[4 * b + 3] | (hs & 0xF000))
     return -1
 
 
