@@ -81,8 +81,8 @@ def _file_type_name(w: GGUFWeights) -> str:
 
 
 def _bpw(w: GGUFWeights) -> float:
-    nb = sum(int(t.n_bytes) for t in w.reader.tensors)
-    ne = sum(int(t.n_elements) for t in w.reader.tensors)
+    nb = sum(int(t.n_bytes) for t in w.tensors)  # (every shard of a split set)
+    ne = sum(int(t.n_elements) for t in w.tensors)
     return 8.0 * nb / ne if ne else 0.0
 
 
@@ -192,7 +192,7 @@ def evaluate(
                 FileScore(
                     file=str(f),
                     type=_file_type_name(g),
-                    bytes=Path(f).stat().st_size,
+                    bytes=sum(p.stat().st_size for p in g.files),
                     bpw=round(_bpw(g), 4),
                     ppl=float(np.exp(nll[k + 1].mean())),
                     kld_mean=float(kld[k].mean()),

@@ -127,9 +127,12 @@ def eval_cmd(src_dir, files, text_file, ctx, chunks, threads, device, round_acti
     """Score GGUF FILES made from the Hugging Face model in SRC_DIR on the text -f TEXT, as
     llama-perplexity --kl-divergence would: perplexity, KL divergence from the source
     (mean, 99th percentile) and top-1 agreement, plus the source's own perplexity.  The
-    source and every file run layer by layer in torch (one layer per model in memory)."""
+    source and every file run layer by layer in torch (one layer per model in memory).  A
+    llama-gguf-split set counts as one file (give its first shard, any shard or all)."""
     from gguf_moe.evaluate import evaluate
+    from gguf_moe.split import first_shard
 
+    files = list(dict.fromkeys(first_shard(f) for f in files))  # a split set, given shard by shard, once
     with _layer_progress(sys.stderr.isatty() and not as_json, "eval") as prog:
         res = evaluate(src_dir, list(files), text_file, ctx=ctx, chunks=chunks, threads=threads, device=device,
                        round_activations=round_activations, on_progress=prog)  # fmt: skip

@@ -183,17 +183,27 @@ class SourceWeights:
 
 
 class GGUFWeights:
-    """GGUF-named float32 weights dequantized from a GGUF file (``quant.dequantize``)."""
+    """GGUF-named float32 weights dequantized from a GGUF file or a llama-gguf-split set
+    (given its first shard or any shard; ``quant.dequantize``).  ``reader``: the (first)
+    file's reader, for the metadata; ``tensors``: every tensor of the file or set."""
 
     def __init__(self, path: str | Path):
         from gguf import GGUFReader
 
+        from gguf_moe.split import read_gguf_set
+
         self.path = Path(path)
-        try:
-            self.reader = GGUFReader(self.path)
-        except Exception as e:  # gguf raises ValueError/struct errors on damaged files
-            raise ConfigError(f"{self.path}: not a readable GGUF file ({e})") from None
-        self._t = {t.name: t for t in self.reader.tensors}
+
+        def opener(p: Path) -> GGUFReader:
+            try:
+                return GGUFReader(p)
+            except Exception as e:  # gguf raises ValueError/struct errors on damaged files
+                raise ConfigError(f"{p}: not a readable GGUF file ({e})") from None
+
+        self.readers, _, self.tensors = read_gguf_set(self.path, opener=opener)
+        self.reader = self.readers[0]
+        self.files = [Path(getattr(r.data, "filename", None) or self.path) for r in self.readers]  # the shards
+        self._t = {t.name: t for t in self.tensors}
 
     def has(self, name: str) -> bool:
         return name in self._t

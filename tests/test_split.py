@@ -316,3 +316,24 @@ def test_qwen2moe_float_shapes_as_llama_gguf_split_writes_them(tmp_path):
     mine, ref = sorted((tmp_path / "ours").iterdir()), sorted((tmp_path / "ref").iterdir())
     assert [p.name for p in mine] == [p.name for p in ref] and len(mine) > 2
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(mine, ref))
+
+
+def test_eval_reads_a_set_as_the_single_file(ours, single, model, tmp_path):
+    """``gguf-moe eval`` scores a set (given shard by shard: once) as the unsplit file."""
+    import json
+
+    pytest.importorskip("torch")
+    if "eval" not in main.commands:
+        pytest.skip("no eval command in this version")
+    from gguf_moe.synth import _training_text
+
+    mode, d = ours
+    text = tmp_path / "text.txt"
+    text.write_text(_training_text() * 3)
+    shards = sorted(d.glob("Split-MoE-4x-Q4_K_M-*-of-*.gguf"))
+    r = ok("eval", model, single / "Split-MoE-4x-Q4_K_M.gguf", *reversed(shards), "-f", text, "--ctx", "64",
+           "--chunks", "2", "--json")  # fmt: skip
+    a, b = json.loads(r.output)["files"]
+    assert b["file"] == str(shards[0]) and b["bytes"] == sum(p.stat().st_size for p in shards)
+    for k in ("type", "bpw", "ppl", "kld_mean", "kld_p99", "top1"):
+        assert a[k] == b[k], k
