@@ -149,6 +149,8 @@ class SplitGGUF:
         infos = list(w.tensors[0].values())
         groups = assign_shards([ti.nbytes for ti in infos], spec, names)
         n = len(groups)
+        if n > 0xFFFF:  # split.count is a u16
+            raise GgufMoeError(f"{path}: {n} shards; a split set has at most 65535, give a larger limit")
         self.paths = [shard_path(self.path, k, n) for k in range(n)]
         self.shards: list[StreamingGGUF] = []
         self._shard_of: dict[str, int] = {}
