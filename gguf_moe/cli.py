@@ -445,13 +445,18 @@ def _print_plan(title: str, plans, imatrix=None) -> None:
 @click.option("--recipe/--no-recipe", default=True, help="Store the mergekit-moe recipe (moe.* and general.base_model.* keys).")
 @click.option("--no-card", is_flag=True, help="With --outdir: do not write the model card <outdir>/README.md.")
 @click.option(
+    "--allow-routing-mismatch", is_flag=True,
+    help="Write llama.cpp's file even where its expert routing differs from the source's (norm_topk_prob); "
+    "the file records both (moe.routing.*).",
+)
+@click.option(
     "--card-eval", metavar="FILE.json", type=click.Path(dir_okay=False, exists=True, path_type=Path),
     callback=_card_eval_callback, help="`gguf-moe eval --json` output: the card's table shows its figures.",
 )  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
 def convert(
     src_dir, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe, quiet,
-    split_max_size, split_max_tensors, no_space_check, no_card, card_eval, **ov,
+    split_max_size, split_max_tensors, no_space_check, no_card, card_eval, allow_routing_mismatch, **ov,
 ):  # fmt: skip
     """Convert the Hugging Face model SRC to GGUF, one file per -t TYPE.
 
@@ -472,11 +477,11 @@ def convert(
         raise click.UsageError("--card-eval needs --outdir (and no --no-card): it fills the model card's table")
     with open_source(src_dir) as (model_dir, hub):
         _convert(model_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix,
-                 recipe, quiet, split, no_space_check, no_card, card_eval, ov)  # fmt: skip
+                 recipe, quiet, split, no_space_check, no_card, card_eval, ov, allow_routing_mismatch)  # fmt: skip
 
 
 def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force, threads, backend, imatrix, recipe,
-             quiet, split, no_space_check, no_card, card_eval, ov):  # fmt: skip
+             quiet, split, no_space_check, no_card, card_eval, ov, allow_routing_mismatch=False):  # fmt: skip
     from gguf_moe import convert as conv
     from gguf_moe.source import open_model
 
@@ -486,6 +491,9 @@ def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force,
     )  # fmt: skip
     model = open_model(src_dir)
     try:
+        routing_warning = model.check_routing(allow_routing_mismatch)
+        if routing_warning:
+            click.echo(f"warning: {routing_warning}", err=True)
         if output is not None:
             paths = [output]
         elif outdir is not None:
@@ -496,7 +504,8 @@ def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force,
         _warn(plans)
         if dry_run:
             m = model
-            _print_plan(f"model: {m.path} ({m.hf_arch}, {m.layout} layout, {len(m.tensors)} tensors)", plans, opts.imatrix)
+            _print_plan(f"model: {m.path} ({m.hf_arch}, {m.layout} layout, {len(m.tensors)} tensors; llama.cpp {m.arch}, "
+                        f"routing {m.routing.file})", plans, opts.imatrix)  # fmt: skip
             _print_split(plans, split, model.name)
             return
         for o in plans:  # before any directory or file is made

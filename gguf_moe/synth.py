@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["make_model", "SPM_SPECIAL", "LLAMA3_SPLIT_REGEX"]
+__all__ = ["make_model", "make_moe", "SPM_SPECIAL", "LLAMA3_SPLIT_REGEX"]
 
 Layout = Literal["fused", "legacy", "dense"]
 
@@ -718,4 +718,157 @@ def make_model(
         (out / "README.md").write_text(
             _model_card(out.name, recipe), encoding="utf-8"
         )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2-MoE, Qwen3-MoE and DeepSeek-MoE merges
+# --------------------------------------------------------------------------------------------
+
+MoeArch = Literal["qwen2moe", "qwen3moe", "deepseek"]
+
+
+def _router_rows(rng: np.random.Generator, emb: np.ndarray, n_expert: int, n_layer: int, gain: float) -> list[np.ndarray]:
+    """Routers as mergekit's ``gate_mode: hidden`` makes them: per expert, the mean hidden
+    state of its prompts, normalised.  The prompts' hidden states are taken as the RMS-normed
+    embeddings of a few token ids drawn per expert (the residual stream a tiny model adds to
+    them is small), with a little per-layer drift."""
+    h = emb / np.sqrt((emb**2).mean(axis=1, keepdims=True) + 1e-6)
+    prompts = [rng.choice(len(emb), 12, replace=False) for _ in range(n_expert)]
+    base = np.stack([h[p].mean(axis=0) for p in prompts])
+    out = []
+    for _ in range(n_layer):
+        r = base + 0.3 * rng.standard_normal(base.shape) * base.std()
+        r /= np.linalg.norm(r, axis=1, keepdims=True)
+        out.append((r * gain).astype(np.float32))
+    return out
+
+
+def make_moe(
+    out_dir: str | Path,
+    *,
+    arch: MoeArch,
+    layout: Literal["fused", "legacy"] = "legacy",
+    n_layer: int = 2,
+    hidden: int = 256,
+    ff: int = 512,
+    n_head: int = 4,
+    n_kv_head: int = 2,
+    n_expert: int = 4,
+    top_k: int = 2,
+    norm_topk_prob: bool = True,
+    n_shared: int | None = 1,
+    duplicate_expert: bool = True,
+    tokenizer: Literal["spm", "bpe"] = "bpe",
+    seed: int = 0,
+    shards: int = 2,
+    router_gain: float = 24.0,
+) -> Path:
+    """A merge written the way mergekit-moe writes ``qwen2moe``, ``qwen3moe`` and
+    ``deepseek`` outputs: every expert is the base model's MLP plus a small fine-tune delta
+    (the last one a copy of expert 0 with ``duplicate_expert``: one source model used
+    twice), attention and norms from the base, routers from hidden states
+    (``_router_rows``), the shared expert (Qwen2-MoE: gated; DeepSeek with ``n_shared``:
+    ``n_shared`` experts wide) from the base MLP.  ``layout``: ``fused`` packs the routed
+    experts as Transformers 5 does (``mlp.experts.gate_up_proj``/``down_proj``; not for
+    DeepSeek, whose remote code has none).  bf16, tokenizer files as ``make_model``."""
+    if arch not in ("qwen2moe", "qwen3moe", "deepseek"):
+        raise ValueError(f"arch must be qwen2moe, qwen3moe or deepseek, not {arch!r}")
+    if layout == "fused" and arch == "deepseek":
+        raise ValueError("DeepSeek-MoE has only the per-expert layout")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "spm":
+        n_tok, special = _write_spm_tokenizer(out, 1000)
+    else:
+        n_tok, special = _write_bpe_tokenizer(out, 1200)
+    rng = np.random.default_rng(seed)
+    hd = hidden // n_head
+    t: list[tuple[str, np.ndarray]] = []
+    emb = (rng.standard_t(5.0, size=(n_tok, hidden)) * 0.02).astype(np.float32)
+    t.append(("model.embed_tokens.weight", emb))
+    routers = _router_rows(rng, emb, n_expert, n_layer, router_gain / np.sqrt(hidden))
+    for L in range(n_layer):
+        p = f"model.layers.{L}."
+        t.append((p + "input_layernorm.weight", _norm(rng, hidden)))
+        for n, rows in (("q", n_head * hd), ("k", n_kv_head * hd), ("v", n_kv_head * hd)):
+            t.append((p + f"self_attn.{n}_proj.weight", _matrix(rng, rows, hidden, 1.0)))
+            if arch == "qwen2moe":
+                t.append((p + f"self_attn.{n}_proj.bias", (0.2 * rng.standard_normal(rows)).astype(np.float32)))
+        t.append((p + "self_attn.o_proj.weight", _matrix(rng, hidden, n_head * hd, 0.7)))
+        if arch == "qwen3moe":
+            t.append((p + "self_attn.q_norm.weight", _norm(rng, hd)))
+            t.append((p + "self_attn.k_norm.weight", _norm(rng, hd)))
+        t.append((p + "post_attention_layernorm.weight", _norm(rng, hidden)))
+        t.append((p + "mlp.gate.weight", routers[L]))
+        base = (_matrix(rng, ff, hidden, 1.0), _matrix(rng, ff, hidden, 1.0), _matrix(rng, hidden, ff, 1.2))
+        experts = []
+        for e in range(n_expert):
+            if duplicate_expert and e == n_expert - 1:
+                experts.append(experts[0])
+                continue
+            experts.append(tuple((w + 0.25 * _matrix(rng, *w.shape, 1.0) * (1.0 if i < 2 else 1.2)).astype(np.float32)
+                                 for i, w in enumerate(base)))  # fmt: skip
+        if layout == "fused":
+            t.append((p + "mlp.experts.gate_up_proj", np.stack([np.concatenate([g, u]) for g, u, _ in experts])))
+            t.append((p + "mlp.experts.down_proj", np.stack([d for _, _, d in experts])))
+        else:
+            for e, (g, u, d) in enumerate(experts):
+                for proj, w in (("gate_proj", g), ("up_proj", u), ("down_proj", d)):
+                    t.append((p + f"mlp.experts.{e}.{proj}.weight", w))
+        if arch == "qwen2moe":
+            for proj, w in zip(("gate_proj", "up_proj", "down_proj"), base):
+                t.append((p + f"mlp.shared_expert.{proj}.weight", w))
+            t.append((p + "mlp.shared_expert_gate.weight", _matrix(rng, 1, hidden, 1.0)))
+        elif arch == "deepseek" and n_shared:
+            wide = tuple(np.concatenate([w] * n_shared, axis=0 if i < 2 else 1) / (1.0 if i < 2 else n_shared)
+                         for i, w in enumerate(base))  # fmt: skip
+            for proj, w in zip(("gate_proj", "up_proj", "down_proj"), wide):
+                t.append((p + f"mlp.shared_experts.{proj}.weight", w.astype(np.float32)))
+    t.append(("model.norm.weight", _norm(rng, hidden)))
+    t.append(("lm_head.weight", _matrix(rng, n_tok, hidden, 4.0)))
+    _write_shards(out, t, "bfloat16", shards)
+
+    cfg = {
+        "attention_dropout": 0.0, "bos_token_id": special["bos_token_id"], "eos_token_id": special["eos_token_id"],
+        "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": ff,
+        "max_position_embeddings": 8192, "num_attention_heads": n_head, "num_hidden_layers": n_layer,
+        "num_key_value_heads": n_kv_head, "num_experts_per_tok": top_k, "norm_topk_prob": norm_topk_prob,
+        "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "use_cache": True, "vocab_size": n_tok,
+    }  # fmt: skip
+    if arch == "deepseek":
+        cfg |= {
+            "architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", "n_routed_experts": n_expert,
+            "n_shared_experts": n_shared, "moe_intermediate_size": ff, "first_k_dense_replace": 0,
+            "moe_layer_freq": 1, "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True,
+            "attention_bias": False, "rope_theta": 10000.0, "rope_scaling": None, "torch_dtype": "bfloat16",
+            "transformers_version": "4.46.3",
+        }  # fmt: skip
+    else:
+        qwen3 = arch == "qwen3moe"
+        cfg |= {
+            "architectures": ["Qwen3MoeForCausalLM" if qwen3 else "Qwen2MoeForCausalLM"],
+            "model_type": "qwen3_moe" if qwen3 else "qwen2_moe", "num_experts": n_expert,
+            "moe_intermediate_size": ff, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "router_aux_loss_coef": 0.001, "output_router_logits": False, "sliding_window": None,
+            "use_sliding_window": False,
+        }  # fmt: skip
+        if qwen3:
+            cfg |= {"head_dim": hd, "attention_bias": False}
+        else:
+            cfg |= {"shared_expert_intermediate_size": ff, "qkv_bias": True}
+        if layout == "fused":
+            cfg |= {"rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "dtype": "bfloat16",
+                    "transformers_version": "5.0.0"}  # fmt: skip
+        else:
+            cfg |= {"rope_theta": 1000000.0, "torch_dtype": "bfloat16", "transformers_version": "4.46.3"}
+    _write_json(out / "config.json", dict(sorted(cfg.items())))
+    src = ["synthetic/chat-expert", "synthetic/code-expert", "synthetic/math-expert", "synthetic/story-expert"]
+    lines = ["base_model: synthetic/base", "gate_mode: hidden", "dtype: bfloat16", f"architecture: {arch}", "experts:"]
+    for e in range(n_expert):
+        name = src[0] if duplicate_expert and e == n_expert - 1 else src[e % len(src)]
+        lines += [f"  - source_model: {name}", "    positive_prompts:", f'      - "topic {e}"']
+    if arch == "deepseek" and n_shared:
+        lines += ["shared_experts:", "  - source_model: synthetic/base"]
+    (out / "mergekit_moe_config.yml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
