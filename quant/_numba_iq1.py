@@ -257,6 +257,10 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
     fshift = np.empty(NL, np.int32)
     L = np.empty(BS, np.int32)
     idx = np.empty(4, np.int32)
+    mv = np.zeros(NL, np.bool_)
+    LQ = np.zeros(BS * NL, F32)
+    RX = np.zeros(NL, F32)
+    R2 = np.zeros(NL, F32)
     t = np.empty(24, F32)
     d2 = np.empty(4096, F32)
     for t0 in range(0, nsb, NL):
@@ -339,6 +343,7 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
             if amax[s] < _EPS_S or b1[s] < 0:
                 fscale[s] = _Z
                 fshift[s] = 1
+                mv[s] = False
                 for k in range(4):
                     out[ob + 2 + 4 * ib + k] = 0
                 _put16(out, ob + 34 + 2 * ib, 0)
@@ -367,25 +372,29 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
                     if gi < 0:
                         return g
                 idx[k] = gi
-            if moved:
-                sumqx = _Z
-                sumq2 = _Z
-                for k in range(4):
-                    for j in range(8):
-                        lv = glev[8 * idx[k] + j]
-                        q = F32(lv) - dlt  # == (q0, q1, q2)[lv], exactly
-                        wq = W[(8 * k + j) * NL + s] * q
-                        sumqx += wq * X[(8 * k + j) * NL + s]
-                        sumq2 += wq * q
-                if sumqx > _Z and sumq2 > _Z:
-                    scale = sumqx / sumq2
             h = 0
             for k in range(4):
                 out[ob + 2 + 4 * ib + k] = idx[k] & 255
                 h |= (idx[k] >> 8) << (3 * k)
+                for j in range(8):
+                    LQ[(8 * k + j) * NL + s] = F32(glev[8 * idx[k] + j]) - dlt
             _put16(out, ob + 34 + 2 * ib, h)
             fscale[s] = scale
             fshift[s] = shift
+            mv[s] = moved
+        # refit the scale of the sub-blocks with a group moved to a neighbour (lanes at once)
+        for s in range(NL):
+            RX[s] = _Z
+            R2[s] = _Z
+        for i in range(BS):
+            for s in range(NL):
+                q = LQ[i * NL + s]
+                wq = W[i * NL + s] * q
+                RX[s] += wq * X[i * NL + s]
+                R2[s] += wq * q
+        for s in range(nl):
+            if mv[s] and RX[s] > _Z and R2[s] > _Z:
+                fscale[s] = RX[s] / R2[s]
         # per super-block: d and the 3-bit scales
         for b in range(nsup):
             ob = ((t0 // 8) + b) * 50
