@@ -6,12 +6,18 @@ tables from ``quant._iqgrid.iq2_tables``.  Conventions of ``quant._numba``: floa
 operation order, no FMA, ``nearest_int`` as the bit trick everywhere (a value flipped
 for sign parity can be far larger than the group maximum, so ``id*x`` is unbounded).
 
-Each sub-block is processed on its own.  The hot spot is the neighbour search for points
-off the grid (most points in a scale search are): the neighbour lists are stored with
-their grid coordinates transposed (``nbq[i, e]``, coordinate i of list entry e), so the
-distances of all candidates are computed by a loop over candidates that LLVM vectorizes,
-each candidate's distance still the sequential C sum over its 8 coordinates; the first
-minimum is then found by a scalar scan with C's strict ``<`` from ``FLT_MAX``.
+Each sub-block is processed by one function (``_fit``): numba updates reference counts
+(atomically) for every array passed to a call, which cost more than the search itself when
+the helpers were separate functions.  Speed comes from
+
+* the neighbour search (most points of a scale search are off the grid, lists of ~10-60
+  candidates): per coordinate the 3 possible error terms are computed once, each
+  candidate's distance is the sequential C sum of its 8 terms picked by level, in a loop
+  over candidates that LLVM vectorizes (levels stored transposed list by list, padded to
+  whole vectors, indexed with unsigned offsets so numba adds no negative-index checks);
+  the first minimum is the first candidate equal to the minimum of 8 partial minima;
+* the scale trials are independent until C's sequential "strictly better" test, so their
+  levels and their ``sumqx``/``sumq2`` are computed together, vectorized over trials.
 """
 
 from __future__ import annotations
