@@ -397,6 +397,12 @@ def _print_plan(title: str, plans, imatrix=None) -> None:
     from gguf_moe.convert import check_imatrix
 
     click.echo(title)
+    experts = (t for o in plans for t in o.tensors if len(t.shape) == 3 and t.shape[0] > 1)
+    if any(t.ggml_type.name not in ("F32", "F16", "BF16") for t in experts):
+        click.echo(
+            "duplicated experts: found while writing (a dry run reads no tensor data); an expert slice identical "
+            "to an earlier one of its tensor (same bytes, same importance weights) is copied, not encoded again"
+        )
     for o in plans:
         click.echo("")
         click.echo(f"# {o.preset.name} -> {o.path if o.path is not None else '(no output path)'}")
@@ -413,6 +419,12 @@ def _print_plan(title: str, plans, imatrix=None) -> None:
             check_imatrix(o, imatrix)
         except GgufMoeError as e:
             click.echo(f"warning: a real run stops here: {e}", err=True)
+
+
+def _reuse_note(plan) -> str:
+    """For the summary line: expert slices copied from an identical expert, if any."""
+    n = plan.reused_experts
+    return f"; {n} duplicated expert slice{'s' if n != 1 else ''} copied, not encoded again" if n else ""
 
 
 # --------------------------------------------------------------------------- convert
@@ -522,7 +534,7 @@ def _convert(src_dir, hub, types, output, outdir, dry_run, pre_tokenizer, force,
             written = conv.convert(model, plans, opts)
         if not quiet:
             for o, path in zip(plans, written):
-                _wrote(path, split, f"{o.preset.name}, {{size}}, {o.bits_per_weight:.2f} bpw")
+                _wrote(path, split, f"{o.preset.name}, {{size}}, {o.bits_per_weight:.2f} bpw{_reuse_note(o)}")
         if card:
             path = _write_card(model, hub, plans, written, split, outdir, force, card_eval)
             if not quiet:
@@ -599,7 +611,7 @@ def quantize(src, dst, type_, dry_run, force, allow_requantize, prune_layers, th
         opts.progress = prog
         out = qz.write_quantize(plan, opts)
     if not quiet:
-        _wrote(out, split, f"{type_.name}, {{size}}, {plan.bits_per_weight:.2f} bpw")
+        _wrote(out, split, f"{type_.name}, {{size}}, {plan.bits_per_weight:.2f} bpw{_reuse_note(plan)}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -630,3 +642,8 @@ from gguf_moe.quality_cli import eval_cmd, imatrix_cmd  # noqa: E402
 
 main.add_command(imatrix_cmd, "imatrix")
 main.add_command(eval_cmd, "eval")
+
+# ``farm run`` and ``farm status``: whole releases from a plan file; defined in gguf_moe.farm.
+from gguf_moe.farm.cli import farm_cmd  # noqa: E402
+
+main.add_command(farm_cmd, "farm")

@@ -12,6 +12,7 @@ encoded copies, independent of model size.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class OutputPlan:
     path: Path | None
     tensors: list[PlannedTensor]
     warnings: list[str] = field(default_factory=list)
+    #: set while writing: expert slices copied from an identical earlier expert of their
+    #: tensor (same source bytes and importance weights) instead of encoded again
+    reused_experts: int = 0
 
     @property
     def data_bytes(self) -> int:
@@ -283,6 +287,64 @@ def _max_rows(n_cols: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * n_cols))
 
 
+#: encode a chunk of a stacked-expert tensor once when an earlier chunk of the same tensor has
+#: the same source bytes and importance weights (``_Duplicates``); False encodes every chunk
+REUSE_DUPLICATES = True
+
+
+class _Duplicates:
+    """Duplicated experts of one tensor, found from the data as it streams.
+
+    Quantization works row by row, so a chunk whose source bytes and importance weights equal
+    those of an earlier chunk of the same tensor has the same encoding: the writer reads those
+    bytes back from the output (``reread``) instead of encoding them again.  Merges reuse a
+    source model for several experts, so whole expert slices repeat.  Only stacked-expert
+    tensors of quantized types are hashed (blake2b of each chunk as stored, and of its
+    importance weights); a chunk never crosses an expert.  Memory: one digest per chunk."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.on = REUSE_DUPLICATES and len(shape) == 3 and shape[0] > 1
+        self.per = shape[1] if self.on else 0
+        self.n_cols = shape[-1]
+        self.seen: dict[tuple, int] = {}  # (type, chunk digest, imatrix digest) -> first row
+        self.reused: dict[T, dict[int, int]] = {}  # type -> expert -> rows copied
+        self._chunk: bytes | None = None
+        self._stored: np.ndarray | None = None
+
+    def chunk(self, stored: np.ndarray) -> None:
+        """The next chunk, as read from the source (digested only if needed)."""
+        self._stored, self._chunk = stored, None
+
+    def _key(self, t: T, qw: np.ndarray | None) -> tuple:
+        if self._chunk is None:
+            self._chunk = hashlib.blake2b(np.ascontiguousarray(self._stored).view(np.uint8), digest_size=20).digest()
+        im = b"" if qw is None else hashlib.blake2b(np.ascontiguousarray(qw, dtype=np.float32), digest_size=20).digest()
+        return (t, self._chunk, im)
+
+    def find(self, w, t: T, qw: np.ndarray | None, row: int, n_rows: int) -> np.ndarray | None:
+        """The encoding of rows ``row:row+n_rows`` as type ``t``, read back from ``w`` (which
+        holds this tensor as ``t``) when an identical chunk was written before, else None."""
+        if not self.on or t in _FLOAT:
+            return None
+        first = self.seen.get(self._key(t, qw))
+        if first is None:
+            return None
+        rb = quant.row_bytes(t.name, self.n_cols)
+        data = w.reread(first * rb, n_rows * rb)
+        per_expert = self.reused.setdefault(t, {})
+        per_expert[row // self.per] = per_expert.get(row // self.per, 0) + n_rows
+        return data.reshape(n_rows, rb)
+
+    def encoded(self, t: T, qw: np.ndarray | None, row: int) -> None:
+        """Rows from ``row`` (this chunk) were encoded as ``t`` and written."""
+        if self.on and t not in _FLOAT:
+            self.seen.setdefault(self._key(t, qw), row)
+
+    def experts(self, t: T) -> int:
+        """Expert slices of this tensor copied whole, not encoded, as type ``t``."""
+        return sum(1 for n in self.reused.get(t, {}).values() if n == self.per)
+
+
 def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options | None = None, **kw) -> list[Path]:
     """Write every output in one pass over the source; returns the paths written.
 
@@ -339,23 +401,33 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
             for w in writers:
                 w.begin_tensor(st.name)
             row = 0
+            dups = _Duplicates(st.shape)
             for stored in st.iter_stored(_max_rows(st.n_cols, chunk_bytes)):
                 _check_finite(stored, st, row)
                 # outputs wanting the same type share the bytes; the stored type needs no encoding
                 encoded: dict[T, np.ndarray] = {_STORED[stored.dtype]: stored.view(np.uint8)}
                 chunk = None
+                dups.chunk(stored)
                 for w, t in zip(writers, types):
                     if t not in encoded:
-                        if chunk is None:
-                            chunk = widen(stored)
                         try:
                             qw = _imatrix_for(imatrix, st.name, st.shape, t, row)
-                            encoded[t] = encode(chunk, t, backend=backend, threads=threads, imatrix=qw)
+                            # an identical chunk (a duplicated expert) was written already: copy it
+                            again = dups.find(w, t, qw, row, len(stored))
+                            if again is not None:
+                                encoded[t] = again
+                            else:
+                                if chunk is None:
+                                    chunk = widen(stored)
+                                encoded[t] = encode(chunk, t, backend=backend, threads=threads, imatrix=qw)
+                                dups.encoded(t, qw, row)
                         except QuantError as e:
                             raise CorruptFile(f"{_where(st, row)} -> {t.name}: {e}") from None
                     w.write(encoded[t])
                 row += len(stored)
                 progress.advance(stored.size * st.src_itemsize)
+            for o, t in zip(outputs, types):
+                o.reused_experts += dups.experts(t)
         done = [w.close() for w in writers]
         progress.finish()
         return done

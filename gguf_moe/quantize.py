@@ -27,6 +27,7 @@ from gguf_moe.convert import (
     _FLOAT,
     OutputPlan,
     PlannedTensor,
+    _Duplicates,
     _imatrix_for,
     _max_rows,
     add_imatrix_kvs,
@@ -239,7 +240,7 @@ def write_quantize(plan: QuantizePlan, options: Options | None = None, **kw) -> 
                     sw.write(np.array(raw[o : o + step]))
                     progress.advance(min(step, raw.nbytes - o))
             else:
-                _requantize_tensor(sw, t, cur, raw, src, imatrix, opts, progress)
+                plan.reused_experts += _requantize_tensor(sw, t, cur, raw, src, imatrix, opts, progress)
             for mm in mms:
                 if hasattr(mm, "madvise"):
                     mm.madvise(mmap.MADV_DONTNEED)
@@ -270,9 +271,17 @@ def _requantize_tensor(sw, t: PlannedTensor, cur: T, raw: np.ndarray, src: Path,
     nrows = rows.shape[0]
     per = max(1, shape[1] if len(shape) == 3 else nrows)  # chunks never cross an expert (imatrix)
     step = _max_rows(n, opts.chunk_bytes)
+    dups = _Duplicates(shape)
     for e0 in range(0, nrows, per):
         for r0 in range(e0, min(e0 + per, nrows), step):
             r1 = min(r0 + step, e0 + per, nrows)
+            dups.chunk(rows[r0:r1])
+            # an identical chunk (a duplicated expert) was written already: copy it
+            again = dups.find(sw, new, _imatrix_for(imatrix, name, shape, new, r0), r0, r1 - r0)
+            if again is not None:
+                sw.write(again)
+                progress.advance(rows[r0:r1].nbytes)
+                continue
             x = quant.dequantize(np.array(rows[r0:r1]), cur.name, n)
             ok = np.isfinite(x).all(axis=1)
             if not ok.all():
@@ -285,9 +294,11 @@ def _requantize_tensor(sw, t: PlannedTensor, cur: T, raw: np.ndarray, src: Path,
             try:
                 qw = _imatrix_for(imatrix, name, shape, new, r0)
                 sw.write(encode(x, new, backend=opts.backend, threads=opts.threads, imatrix=qw))
+                dups.encoded(new, qw, r0)
             except QuantError as e:
                 raise CorruptFile(f"{src}: tensor {name} row {r0} -> {new.name}: {e}") from None
             progress.advance(rows[r0:r1].nbytes)
+    return dups.experts(new)
 
 
 def requantize(src: str | Path, dst: str | Path, preset: Preset | str, options: Options | None = None, **kw) -> Path:

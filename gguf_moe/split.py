@@ -199,6 +199,9 @@ class SplitGGUF:
     def write(self, data: np.ndarray) -> None:
         self.shards[self._cur].write(data)
 
+    def reread(self, offset: int, nbytes: int) -> np.ndarray:
+        return self.shards[self._cur].reread(offset, nbytes)
+
     def close(self) -> Path:
         """Finish the last shard, then move every shard into place; returns the first."""
         while self._cur < len(self.shards) - 1:

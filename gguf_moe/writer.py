@@ -83,6 +83,7 @@ class StreamingGGUF:
         self._fout = None
         self._i = -1
         self._written = 0
+        self._start = 0
         self.data_offset = 0
         self._created = False
 
@@ -129,6 +130,7 @@ class StreamingGGUF:
             want = self.names[self._i] if self._i < len(self.names) else "(none)"
             raise GgufMoeError(f"{self.path}: internal error: writing tensor {name!r} but the file expects {want!r} next")
         self._written = 0
+        self._start = self._fout.tell()
 
     def write(self, data: np.ndarray) -> None:
         b = np.ascontiguousarray(data).view(np.uint8)
@@ -139,6 +141,25 @@ class StreamingGGUF:
             self._fout.write(memoryview(b.reshape(-1)))
         except OSError as e:
             raise write_error(self.path, e, self._tell()) from None
+
+    def reread(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` of the current tensor's data already written, from ``offset`` (an
+        expert slice identical to an earlier one is copied from here, not encoded again)."""
+        if offset < 0 or offset + nbytes > self._written:
+            raise GgufMoeError(
+                f"{self.path}: internal error: rereading bytes {offset}..{offset + nbytes} of tensor "
+                f"{self.names[self._i]!r}, {self._written} written"
+            )
+        out = np.empty(nbytes, dtype=np.uint8)
+        try:
+            self._fout.flush()
+            with open(self.part, "rb", buffering=0) as f:  # (the output is open write-only)
+                n = os.preadv(f.fileno(), [out], self._start + offset)
+        except OSError as e:
+            raise write_error(self.path, e, self._tell()) from None
+        if n != nbytes:
+            raise GgufMoeError(f"{self.path}: read back {n} of {nbytes} bytes just written")
+        return out
 
     def _finish_tensor(self) -> None:
         if self._i < 0:
