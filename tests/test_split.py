@@ -178,7 +178,7 @@ def test_quantize_reads_a_set_and_writes_one(ours, single, tmp_path):
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(got, want))
 
 
-def test_validate_and_inspect_a_set(ours, single):
+def test_validate_and_inspect_a_set(ours, single, model):
     import json
 
     mode, d = ours
@@ -189,6 +189,9 @@ def test_validate_and_inspect_a_set(ours, single):
     f = rep["files"][0]
     assert f["summary"]["n_tensors"] == len(gguf.GGUFReader(single / "Split-MoE-4x-Q4_K_M.gguf").tensors)
     assert f["summary"]["n_layer"] == 2 and f["summary"]["n_expert"] == 4  # the whole-model checks ran
+    # every tensor compared with the source, each read from its own shard
+    rep = json.loads(ok("validate", shards[-1], "--deep", "--source", model, "--json").output)["files"][0]
+    assert rep["ok"] and rep["summary"]["source_tensors_compared"] == f["summary"]["n_tensors"]
     a = json.loads(ok("inspect", shards[1], "--json").output)
     b = json.loads(ok("inspect", single / "Split-MoE-4x-Q4_K_M.gguf", "--json").output)
     assert a["totals"] == b["totals"] and a["types"] == b["types"]
