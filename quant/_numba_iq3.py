@@ -114,6 +114,27 @@ def _search_scalar(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
     return gi
 
 
+def _host_simd() -> str:
+    """``"avx2"`` or ``"scalar"``: the neighbour search this CPU runs."""
+    from numba.core import config
+
+    if config.CPU_NAME is not None:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compile for that target
+        return "avx2" if "+avx2" in (config.CPU_FEATURES or "").split(",") else "scalar"
+    try:
+        from llvmlite import binding
+
+        f = binding.get_host_cpu_features()
+    except Exception:  # pragma: no cover - feature query unavailable
+        return "scalar"
+    return "avx2" if f.get("avx2", False) else "scalar"
+
+
+#: The neighbour search in use: ``"avx2"`` where the compile target has AVX2, else
+#: ``"scalar"`` (both give the same bytes; the vector one is only built for AVX2 targets).
+SEARCH = _host_simd()
+_AVX2_TARGET = SEARCH == "avx2"
+
+
 _f32t = ir.FloatType()
 _i1t, _i32t, _i64t = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 
@@ -147,6 +168,8 @@ def _make_best(W=8):
         sig = types.int64(xval, waux, types.int64, types.float32, vidx, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
+            if not _AVX2_TARGET:  # never called there (see ``quantize``); keeps the IR portable
+                return ir.Constant(_i64t, -1)
             xv, wv, o_, sc, va, off_, cnt_ = args
             mod = builder.module
             permps = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), perm_name)
@@ -211,317 +234,298 @@ def _make_best(W=8):
     return best
 
 
-def _make_search(best):
-    @njit(inline="always", **_JIT)
-    def search(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
-        """``_search_scalar`` with the candidate loop in vectors (same result)."""
-        j = best(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
-        if j < 0:
-            return -1
-        return start + 1 + j
-
-    return search
+_best8 = _make_best(8)
 
 
-def _make_kernel(search):
-    @njit(**_JIT)
-    def _kiq3(x, n, qw, use_qw, xxs, cidx, glev, kmap, nbr, vidx, voff, out):
-        """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256).
+@njit(inline="always", **_JIT)
+def _search_avx2(nbr, cidx, vidx, voff, start, T, xval, waux, o, scale):
+    """``_search_scalar`` with the candidate loop in AVX2 vectors (same result)."""
+    j = _best8(xval, waux, o, scale, vidx, voff[start], np.int64(nbr[start]))
+    if j < 0:
+        return -1
+    return start + 1 + j
 
-        Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
-        (and ggml aborts): then ``out`` is incomplete.
-        """
-        nsb = x.size // QK_K
-        SB = NL // 8
-        ts = 98 if xxs else 110
-        nlo = -15 if xxs else -9
-        xc = np.empty(32 * NL, F32)
-        xval = np.empty(32 * NL, F32)
-        w = np.empty(32 * NL, F32)
-        wx = np.empty(32 * NL, F32)
-        waux = np.empty(32 * NL, F32)
-        L = np.zeros(32 * NL, np.int32)
-        La = np.zeros(32 * NL, np.int32)
-        gidx = np.zeros(8 * NL, np.int32)
-        on = np.zeros(8 * NL, np.bool_)
-        on_aux = np.zeros(8 * NL, np.bool_)
-        signs = np.zeros(4 * NL, np.int32)
-        mx = np.empty(NL, F32)
-        idl = np.empty(NL, F32)
-        tsc = np.empty(NL, F32)
-        scale = np.empty(NL, F32)
-        best = np.empty(NL, F32)
-        sqx = np.empty(NL, F32)
-        sq2 = np.empty(NL, F32)
-        live = np.zeros(NL, np.bool_)
-        sig = np.empty(SB, F32)
-        lsc = np.empty(8, np.int64)
-        T = np.empty(32, F32)
-        mlist = np.empty(8 * NL, np.int64)
-        ucode = np.empty(8 * NL, np.int32)
-        for t0 in range(0, nsb, SB):
-            nb = min(SB, nsb - t0)
-            nv = nb * 8
-            base = t0 * QK_K
-            for s in range(NL):
-                if s < nv:
-                    o = base + s * 32
-                    for i in range(32):
-                        xc[i * NL + s] = x[o + i]
-                else:
-                    for i in range(32):
-                        xc[i * NL + s] = _Z
-            # weights
-            if use_qw:
-                for b in range(SB):
-                    sig[b] = _Z
-                for b in range(nb):
-                    acc = _Z
-                    for e in range(QK_K):
-                        v = x[base + b * QK_K + e]
-                        acc += v * v
-                    sig[b] = (F32(2.0) * acc) / F32(256.0)
-                for s in range(NL):
-                    col = ((t0 * 8 + s) * 32) % n
-                    sg = sig[s // 8]
-                    for i in range(32):
-                        v = xc[i * NL + s]
-                        w[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v)
+
+@njit(**_JIT)
+def _kiq3(x, n, qw, use_qw, xxs, vec, cidx, glev, kmap, nbr, vidx, voff, out):
+    """IQ3_XXS (``xxs``) or IQ3_S bytes of the flat rows ``x`` (length a multiple of 256).
+
+    Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
+    (and ggml aborts): then ``out`` is incomplete.
+    """
+    nsb = x.size // QK_K
+    SB = NL // 8
+    ts = 98 if xxs else 110
+    nlo = -15 if xxs else -9
+    xc = np.empty(32 * NL, F32)
+    xval = np.empty(32 * NL, F32)
+    w = np.empty(32 * NL, F32)
+    wx = np.empty(32 * NL, F32)
+    waux = np.empty(32 * NL, F32)
+    L = np.zeros(32 * NL, np.int32)
+    La = np.zeros(32 * NL, np.int32)
+    gidx = np.zeros(8 * NL, np.int32)
+    on = np.zeros(8 * NL, np.bool_)
+    on_aux = np.zeros(8 * NL, np.bool_)
+    signs = np.zeros(4 * NL, np.int32)
+    mx = np.empty(NL, F32)
+    idl = np.empty(NL, F32)
+    tsc = np.empty(NL, F32)
+    scale = np.empty(NL, F32)
+    best = np.empty(NL, F32)
+    sqx = np.empty(NL, F32)
+    sq2 = np.empty(NL, F32)
+    live = np.zeros(NL, np.bool_)
+    sig = np.empty(SB, F32)
+    lsc = np.empty(8, np.int64)
+    T = np.empty(32, F32)
+    mlist = np.empty(8 * NL, np.int64)
+    ucode = np.empty(8 * NL, np.int32)
+    for t0 in range(0, nsb, SB):
+        nb = min(SB, nsb - t0)
+        nv = nb * 8
+        base = t0 * QK_K
+        for s in range(NL):
+            if s < nv:
+                o = base + s * 32
+                for i in range(32):
+                    xc[i * NL + s] = x[o + i]
             else:
-                for i in range(32 * NL):
-                    v = xc[i]
-                    w[i] = v * v
-            for i in range(32 * NL):
-                waux[i] = np.sqrt(w[i])
-            # signs and magnitudes
+                for i in range(32):
+                    xc[i * NL + s] = _Z
+        # weights
+        if use_qw:
+            for b in range(SB):
+                sig[b] = _Z
+            for b in range(nb):
+                acc = _Z
+                for e in range(QK_K):
+                    v = x[base + b * QK_K + e]
+                    acc += v * v
+                sig[b] = (F32(2.0) * acc) / F32(256.0)
+            for s in range(NL):
+                col = ((t0 * 8 + s) * 32) % n
+                sg = sig[s // 8]
+                for i in range(32):
+                    v = xc[i * NL + s]
+                    w[i * NL + s] = qw[col + i] * np.sqrt(sg + v * v)
+        else:
             for i in range(32 * NL):
                 v = xc[i]
-                xval[i] = v if v >= _Z else -v
-            for k in range(4):
-                for s in range(NL):
-                    sb = 0
-                    for i in range(8):
-                        if not (xc[(8 * k + i) * NL + s] >= _Z):
-                            sb |= 1 << i
-                    if xxs:
-                        nflip = 0
-                        for i in range(8):
-                            nflip += (sb >> i) & 1
-                        if nflip & 1:
-                            p = 8 * k * NL + s
-                            vmin = (w[p] * xc[p]) * xc[p]
-                            imin = 0
-                            for i in range(1, 8):
-                                p = (8 * k + i) * NL + s
-                                a = (w[p] * xc[p]) * xc[p]
-                                if a < vmin:
-                                    vmin = a
-                                    imin = i
-                            p = (8 * k + imin) * NL + s
-                            xval[p] = -xval[p]
-                            sb ^= 1 << imin
-                        sb &= 127
-                    signs[k * NL + s] = sb
+                w[i] = v * v
+        for i in range(32 * NL):
+            waux[i] = np.sqrt(w[i])
+        # signs and magnitudes
+        for i in range(32 * NL):
+            v = xc[i]
+            xval[i] = v if v >= _Z else -v
+        for k in range(4):
             for s in range(NL):
-                m = xval[s]
-                for i in range(1, 32):
-                    v = xval[i * NL + s]
-                    m = m if m > v else v
+                sb = 0
+                for i in range(8):
+                    if not (xc[(8 * k + i) * NL + s] >= _Z):
+                        sb |= 1 << i
                 if xxs:
-                    live[s] = not (m < _EPS_XXS)
-                else:
-                    live[s] = m != _Z
-                mx[s] = m if live[s] else _ONE
-                scale[s] = mx[s] / F32(15.0)
-                best[s] = _Z
-            for i in range(32 * NL):
-                wx[i] = w[i] * xval[i]
-                L[i] = 0
-            for i in range(8 * NL):
-                on[i] = xxs
-            # scale search
-            for step in range(nlo, -nlo + 1):
+                    nflip = 0
+                    for i in range(8):
+                        nflip += (sb >> i) & 1
+                    if nflip & 1:
+                        p = 8 * k * NL + s
+                        vmin = (w[p] * xc[p]) * xc[p]
+                        imin = 0
+                        for i in range(1, 8):
+                            p = (8 * k + i) * NL + s
+                            a = (w[p] * xc[p]) * xc[p]
+                            if a < vmin:
+                                vmin = a
+                                imin = i
+                        p = (8 * k + imin) * NL + s
+                        xval[p] = -xval[p]
+                        sb ^= 1 << imin
+                    sb &= 127
+                signs[k * NL + s] = sb
+        for s in range(NL):
+            m = xval[s]
+            for i in range(1, 32):
+                v = xval[i * NL + s]
+                m = m if m > v else v
+            if xxs:
+                live[s] = not (m < _EPS_XXS)
+            else:
+                live[s] = m != _Z
+            mx[s] = m if live[s] else _ONE
+            scale[s] = mx[s] / F32(15.0)
+            best[s] = _Z
+        for i in range(32 * NL):
+            wx[i] = w[i] * xval[i]
+            L[i] = 0
+        for i in range(8 * NL):
+            on[i] = xxs
+        # scale search
+        for step in range(nlo, -nlo + 1):
+            for s in range(NL):
+                idv = (F32(15.0) + F32(step) * F32(0.2)) / mx[s]
+                idl[s] = idv
+                tsc[s] = _ONE / idv
+            for i in range(32):
                 for s in range(NL):
-                    idv = (F32(15.0) + F32(step) * F32(0.2)) / mx[s]
-                    idl[s] = idv
-                    tsc[s] = _ONE / idv
-                for i in range(32):
-                    for s in range(NL):
-                        l = _nint(_HALF * (idl[s] * xval[i * NL + s] - _ONE))
-                        La[i * NL + s] = max(0, min(7, l))
-                for k in range(8):
-                    for s in range(NL):
-                        p = 4 * k * NL + s
-                        ucode[k * NL + s] = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
-                nm = 0  # off-grid groups, listed without branches
-                for e in range(8 * NL):
-                    g = kmap[ucode[e]]
-                    gidx[e] = g
-                    miss = g < 0
-                    on_aux[e] = not miss
-                    mlist[nm] = e
-                    nm += miss & live[e & (NL - 1)]
-                for m in range(nm):
-                    e = mlist[m]
-                    s = e & (NL - 1)
-                    o = 4 * (e >> _NLB) * NL + s
-                    g = search(nbr, cidx, vidx, voff, -gidx[e] - 1, T, xval, waux, o, tsc[s])
+                    l = _nint(_HALF * (idl[s] * xval[i * NL + s] - _ONE))
+                    La[i * NL + s] = max(0, min(7, l))
+            for k in range(8):
+                for s in range(NL):
+                    p = 4 * k * NL + s
+                    ucode[k * NL + s] = La[p] | (La[p + NL] << 3) | (La[p + 2 * NL] << 6) | (La[p + 3 * NL] << 9)
+            nm = 0  # off-grid groups, listed without branches
+            for e in range(8 * NL):
+                g = kmap[ucode[e]]
+                gidx[e] = g
+                miss = g < 0
+                on_aux[e] = not miss
+                mlist[nm] = e
+                nm += miss & live[e & (NL - 1)]
+            for m in range(nm):
+                e = mlist[m]
+                s = e & (NL - 1)
+                o = 4 * (e >> _NLB) * NL + s
+                if vec:
+                    g = _search_avx2(nbr, cidx, vidx, voff, -gidx[e] - 1, T, xval, waux, o, tsc[s])
+                else:
+                    g = _search_scalar(nbr, cidx, vidx, voff, -gidx[e] - 1, T, xval, waux, o, tsc[s])
+                if g < 0:
+                    return t0 * 8 + s
+                g = nbr[g]
+                for i in range(4):
+                    La[o + i * NL] = glev[4 * g + i]
+            for s in range(NL):
+                sqx[s] = _Z
+                sq2[s] = _Z
+            for i in range(32):
+                for s in range(NL):
+                    q = F32(2 * La[i * NL + s] + 1)
+                    sqx[s] += wx[i * NL + s] * q
+                    sq2[s] += (w[i * NL + s] * q) * q
+            for s in range(NL):
+                upd = sq2[s] > _Z and sqx[s] * sqx[s] > best[s] * sq2[s]
+                if upd:
+                    sc = sqx[s] / sq2[s]
+                    scale[s] = sc
+                    best[s] = sc * sqx[s]
+                    for i in range(32):
+                        L[i * NL + s] = La[i * NL + s]
+                    for k in range(8):
+                        on[k * NL + s] = on_aux[k * NL + s]
+        # requantize groups off the grid (IQ3_S: all groups) with the final scale
+        for s in range(NL):
+            if not live[s]:
+                continue
+            off = False
+            for k in range(8):
+                if not on[k * NL + s]:
+                    off = True
+            if not (off and scale[s] > _Z):
+                continue
+            idv = _ONE / scale[s]
+            for k in range(8):
+                if xxs and on[k * NL + s]:
+                    continue
+                o = 4 * k * NL + s
+                u = 0
+                for i in range(4):
+                    l = _nint(_HALF * (idv * xval[o + i * NL] - _ONE))
+                    u |= max(0, min(7, l)) << (3 * i)
+                g = kmap[u]
+                if g < 0:
+                    if vec:
+                        g = _search_avx2(nbr, cidx, vidx, voff, -g - 1, T, xval, waux, o, scale[s])
+                    else:
+                        g = _search_scalar(nbr, cidx, vidx, voff, -g - 1, T, xval, waux, o, scale[s])
                     if g < 0:
                         return t0 * 8 + s
                     g = nbr[g]
-                    for i in range(4):
-                        La[o + i * NL] = glev[4 * g + i]
-                for s in range(NL):
-                    sqx[s] = _Z
-                    sq2[s] = _Z
-                for i in range(32):
-                    for s in range(NL):
-                        q = F32(2 * La[i * NL + s] + 1)
-                        sqx[s] += wx[i * NL + s] * q
-                        sq2[s] += (w[i * NL + s] * q) * q
-                for s in range(NL):
-                    upd = sq2[s] > _Z and sqx[s] * sqx[s] > best[s] * sq2[s]
-                    if upd:
-                        sc = sqx[s] / sq2[s]
-                        scale[s] = sc
-                        best[s] = sc * sqx[s]
-                        for i in range(32):
-                            L[i * NL + s] = La[i * NL + s]
-                        for k in range(8):
-                            on[k * NL + s] = on_aux[k * NL + s]
-            # requantize groups off the grid (IQ3_S: all groups) with the final scale
-            for s in range(NL):
-                if not live[s]:
-                    continue
-                off = False
-                for k in range(8):
-                    if not on[k * NL + s]:
-                        off = True
-                if not (off and scale[s] > _Z):
-                    continue
-                idv = _ONE / scale[s]
-                for k in range(8):
-                    if xxs and on[k * NL + s]:
-                        continue
-                    o = 4 * k * NL + s
-                    u = 0
-                    for i in range(4):
-                        l = _nint(_HALF * (idv * xval[o + i * NL] - _ONE))
-                        u |= max(0, min(7, l)) << (3 * i)
-                    g = kmap[u]
-                    if g < 0:
-                        g = search(nbr, cidx, vidx, voff, -g - 1, T, xval, waux, o, scale[s])
-                        if g < 0:
-                            return t0 * 8 + s
-                        g = nbr[g]
-                    for i in range(4):
-                        L[o + i * NL] = glev[4 * g + i]
-                a = _Z
-                b = _Z
-                for i in range(32):
-                    q = F32(2 * L[i * NL + s] + 1)
-                    a += wx[i * NL + s] * q
-                    b += (w[i * NL + s] * q) * q
-                if b > _Z:
-                    scale[s] = a / b
-            # final grid indices, sign flip for a negative scale
-            for s in range(NL):
-                if not live[s]:
-                    scale[s] = _Z
-                    continue
-                if scale[s] < _Z:
-                    scale[s] = -scale[s]
-                    for k in range(4):
-                        signs[k * NL + s] = (~signs[k * NL + s]) & (127 if xxs else 255)
-                for k in range(8):
-                    o = 4 * k * NL + s
-                    u = L[o] | (L[o + NL] << 3) | (L[o + 2 * NL] << 6) | (L[o + 3 * NL] << 9)
-                    gidx[k * NL + s] = kmap[u]  # on the grid by construction
-            # pack
-            for b in range(nb):
-                o = (t0 + b) * ts
-                s0 = b * 8
-                max_scale = _Z
+                for i in range(4):
+                    L[o + i * NL] = glev[4 * g + i]
+            a = _Z
+            b = _Z
+            for i in range(32):
+                q = F32(2 * L[i * NL + s] + 1)
+                a += wx[i * NL + s] * q
+                b += (w[i * NL + s] * q) * q
+            if b > _Z:
+                scale[s] = a / b
+        # final grid indices, sign flip for a negative scale
+        for s in range(NL):
+            if not live[s]:
+                scale[s] = _Z
+                continue
+            if scale[s] < _Z:
+                scale[s] = -scale[s]
+                for k in range(4):
+                    signs[k * NL + s] = (~signs[k * NL + s]) & (127 if xxs else 255)
+            for k in range(8):
+                o = 4 * k * NL + s
+                u = L[o] | (L[o + NL] << 3) | (L[o + 2 * NL] << 6) | (L[o + 3 * NL] << 9)
+                gidx[k * NL + s] = kmap[u]  # on the grid by construction
+        # pack
+        for b in range(nb):
+            o = (t0 + b) * ts
+            s0 = b * 8
+            max_scale = _Z
+            for j in range(8):
+                sc = scale[s0 + j]
+                max_scale = max_scale if max_scale > sc else sc
+            for j in range(ts):
+                out[o + j] = 0
+            if xxs and max_scale == _Z:
+                continue
+            if max_scale != _Z:
+                d = max_scale / F32(31.0)
+                _put16(out, o, _f16(d * (F32(1.0125) if xxs else F32(1.033))))
+                idv = _ONE / d
                 for j in range(8):
-                    sc = scale[s0 + j]
-                    max_scale = max_scale if max_scale > sc else sc
-                for j in range(ts):
-                    out[o + j] = 0
-                if xxs and max_scale == _Z:
-                    continue
-                if max_scale != _Z:
-                    d = max_scale / F32(31.0)
-                    _put16(out, o, _f16(d * (F32(1.0125) if xxs else F32(1.033))))
-                    idv = _ONE / d
-                    for j in range(8):
-                        l = _nint(_HALF * (idv * scale[s0 + j] - _ONE))
-                        lsc[j] = max(0, min(15, l))
-                else:
-                    for j in range(8):
-                        lsc[j] = 0
-                if xxs:
-                    for j in range(8):
-                        s = s0 + j
-                        if not live[s]:
-                            continue
-                        for k in range(8):
-                            out[o + 2 + 8 * j + k] = gidx[k * NL + s] & 255
-                    for j in range(8):
-                        s = s0 + j
-                        v = lsc[j] << 28
-                        if live[s]:
-                            v |= signs[s] | (signs[NL + s] << 7) | (signs[2 * NL + s] << 14) | (signs[3 * NL + s] << 21)
-                        p = o + 66 + 4 * j
-                        for e in range(4):
-                            out[p + e] = (v >> (8 * e)) & 255
-                else:
-                    slot = 0  # ggml's qs/signs pointers skip all-zero sub-blocks
-                    for j in range(8):
-                        s = s0 + j
-                        if not live[s]:
-                            continue
-                        h = 0
-                        for k in range(8):
-                            g = gidx[k * NL + s]
-                            out[o + 2 + 8 * slot + k] = g & 255
-                            h |= ((g >> 8) & 1) << k
-                        out[o + 66 + j] = h
-                        for k in range(4):
-                            out[o + 74 + 4 * slot + k] = signs[k * NL + s]
-                        slot += 1
-                    for j in range(4):
-                        out[o + 106 + j] = lsc[2 * j] | (lsc[2 * j + 1] << 4)
-        return -1
-
-    return _kiq3
-
-
-_KERNELS = {"scalar": _make_kernel(_search_scalar), "avx2": _make_kernel(_make_search(_make_best(8)))}
-
-
-def _host_simd() -> str:
-    """``"avx2"`` or ``"scalar"``: the neighbour search this CPU runs."""
-    from numba.core import config
-
-    if config.CPU_NAME is not None:  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES: compile for that target
-        return "avx2" if "+avx2" in (config.CPU_FEATURES or "").split(",") else "scalar"
-    try:
-        from llvmlite import binding
-
-        f = binding.get_host_cpu_features()
-    except Exception:  # pragma: no cover - feature query unavailable
-        return "scalar"
-    return "avx2" if f.get("avx2", False) else "scalar"
-
-
-#: Which neighbour search runs: a key of ``_KERNELS`` (all give the same bytes).
-SEARCH = _host_simd()
+                    l = _nint(_HALF * (idv * scale[s0 + j] - _ONE))
+                    lsc[j] = max(0, min(15, l))
+            else:
+                for j in range(8):
+                    lsc[j] = 0
+            if xxs:
+                for j in range(8):
+                    s = s0 + j
+                    if not live[s]:
+                        continue
+                    for k in range(8):
+                        out[o + 2 + 8 * j + k] = gidx[k * NL + s] & 255
+                for j in range(8):
+                    s = s0 + j
+                    v = lsc[j] << 28
+                    if live[s]:
+                        v |= signs[s] | (signs[NL + s] << 7) | (signs[2 * NL + s] << 14) | (signs[3 * NL + s] << 21)
+                    p = o + 66 + 4 * j
+                    for e in range(4):
+                        out[p + e] = (v >> (8 * e)) & 255
+            else:
+                slot = 0  # ggml's qs/signs pointers skip all-zero sub-blocks
+                for j in range(8):
+                    s = s0 + j
+                    if not live[s]:
+                        continue
+                    h = 0
+                    for k in range(8):
+                        g = gidx[k * NL + s]
+                        out[o + 2 + 8 * slot + k] = g & 255
+                        h |= ((g >> 8) & 1) << k
+                    out[o + 66 + j] = h
+                    for k in range(4):
+                        out[o + 74 + 4 * slot + k] = signs[k * NL + s]
+                    slot += 1
+                for j in range(4):
+                    out[o + 106 + j] = lsc[2 * j] | (lsc[2 * j + 1] << 4)
+    return -1
 
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ3_XXS / IQ3_S of the flat rows ``x`` into ``out``."""
     cidx, glev, kmap, nbr, vidx, voff = tables(name)
-    kernel = _KERNELS[SEARCH]
-    bad = kernel(x, n, qw, use_qw, name == "IQ3_XXS", cidx, glev, kmap, nbr, vidx, voff, out)
+    vec = SEARCH == "avx2" and _AVX2_TARGET
+    bad = _kiq3(x, n, qw, use_qw, name == "IQ3_XXS", vec, cidx, glev, kmap, nbr, vidx, voff, out)
     if bad >= 0:
         raise too_large(name, float(np.abs(x[bad * 32 : bad * 32 + 32]).max()))
