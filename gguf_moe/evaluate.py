@@ -14,6 +14,11 @@ same top token.
 By default each GGUF's matrix products round their activations the way llama.cpp's CPU
 backend does (Q8_0 / Q8_K by weight type, ``runner.Runner(round_activations=True)``); a
 plain float run of the dequantized weights underestimates the loss of Q8_0-class files.
+
+The chunks run in the fixed groups of ``calibrate.chunk_groups``; every scored token's
+figures land at their own place in the per-token arrays, and the summary (``summarize``)
+is taken over the whole arrays, so ``gguf-moe farm`` can score the groups as separate tasks
+and print the same object as ``gguf-moe eval --json``.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ from typing import Callable
 import numpy as np
 from gguf import MODEL_TENSOR as T
 
-from gguf_moe.calibrate import ACTIVATION_BUDGET, set_threads
+from gguf_moe.calibrate import chunk_groups, set_threads
 from gguf_moe.errors import LayoutMismatch
 from gguf_moe.runner import GGUFWeights, ModelSpec, Runner, SourceWeights, import_torch, pick_device, tensor_name
 from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
 
-__all__ = ["FileScore", "EvalResult", "evaluate", "check_matches_source"]
+__all__ = ["FileScore", "EvalResult", "evaluate", "summarize", "check_matches_source"]
 
 
 @dataclass
@@ -57,6 +62,9 @@ class EvalResult:
     seconds: float = 0.0
     kld: np.ndarray | None = field(default=None, repr=False)  # [file, scored token]
     nll: np.ndarray | None = field(default=None, repr=False)  # [source + files, scored token]
+    same: np.ndarray | None = field(default=None, repr=False)  # [file, scored token]: same top-1
+    #: the chunk groups (``calibrate.chunk_groups``); with ``only_groups`` only those were scored
+    groups: list[range] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "source": {"ppl": self.source_ppl}, "files": [f.to_dict() for f in self.files]}
@@ -115,7 +123,10 @@ def evaluate(
     device: str | None = None,
     round_activations: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    only_groups: list[int] | None = None,
 ) -> EvalResult:
+    """Score ``files``; with ``only_groups`` only those chunk groups are scored and the
+    result carries the raw per-token arrays (their slices filled) and no ``files``."""
     from gguf_moe.source import open_model
 
     torch = import_torch()
@@ -135,14 +146,14 @@ def evaluate(
         weights = [src_w, *ggufs]
         runners = [Runner(spec, device=dev)] + [Runner(spec, device=dev, round_activations=round_activations) for _ in ggufs]
         n_models = len(weights)
-        per = max(1, ACTIVATION_BUDGET // max(1, n_models * ctx * spec.n_embd * 4))
-        groups = [range(i, min(len(batches), i + per)) for i in range(0, len(batches), per)]
+        groups = chunk_groups(len(batches), ctx, spec.n_embd, n_models=n_models)
+        run = [i for i in range(len(groups)) if only_groups is None or i in only_groups]
         first = ctx // 2
         n_score = ctx - 1 - first
         nll = np.zeros((n_models, len(batches) * n_score), dtype=np.float64)
         kld = np.zeros((len(ggufs), len(batches) * n_score), dtype=np.float64)
         same = np.zeros((len(ggufs), len(batches) * n_score), dtype=bool)
-        total = len(groups) * n_models * (spec.n_layer + 1)
+        total = len(run) * n_models * (spec.n_layer + 1)
         done = 0
 
         def step():
@@ -152,7 +163,7 @@ def evaluate(
                 on_progress(done, total)
 
         with torch.no_grad():
-            for g in groups:
+            for g in (groups[i] for i in run):
                 sub = batches[g.start : g.stop]
                 target = torch.from_numpy(sub[:, first + 1 :]).to(dev)
                 hs = [r.embed(w, sub) for r, w in zip(runners, weights)]
@@ -186,21 +197,31 @@ def evaluate(
                         del base, q, x
                     del head
                 del hs, src_head
-        result = EvalResult(tokens=int(nll.shape[1]), source_ppl=float(np.exp(nll[0].mean())), kld=kld, nll=nll)
-        for k, (f, g) in enumerate(zip(files, ggufs)):
-            result.files.append(
-                FileScore(
-                    file=str(f),
-                    type=_file_type_name(g),
-                    bytes=sum(p.stat().st_size for p in g.files),
-                    bpw=round(_bpw(g), 4),
-                    ppl=float(np.exp(nll[k + 1].mean())),
-                    kld_mean=float(kld[k].mean()),
-                    kld_p99=float(np.percentile(kld[k], 99.0)),
-                    top1=float(same[k].mean()),
-                )
-            )
+        if only_groups is not None:
+            return EvalResult(tokens=int(nll.shape[1]), source_ppl=float("nan"), kld=kld, nll=nll, same=same,
+                              groups=groups, seconds=time.perf_counter() - t0)  # fmt: skip
+        result = summarize(files, ggufs, nll, kld, same)
+        result.groups = groups
         result.seconds = time.perf_counter() - t0
         return result
     finally:
         model.close()
+
+
+def summarize(files: list[str | Path], ggufs: list[GGUFWeights], nll: np.ndarray, kld: np.ndarray, same: np.ndarray) -> EvalResult:
+    """The figures from the per-token arrays of every scored token."""
+    result = EvalResult(tokens=int(nll.shape[1]), source_ppl=float(np.exp(nll[0].mean())), kld=kld, nll=nll, same=same)
+    for k, (f, g) in enumerate(zip(files, ggufs)):
+        result.files.append(
+            FileScore(
+                file=str(f),
+                type=_file_type_name(g),
+                bytes=sum(p.stat().st_size for p in g.files),
+                bpw=round(_bpw(g), 4),
+                ppl=float(np.exp(nll[k + 1].mean())),
+                kld_mean=float(kld[k].mean()),
+                kld_p99=float(np.percentile(kld[k], 99.0)),
+                top1=float(same[k].mean()),
+            )
+        )
+    return result
