@@ -468,6 +468,12 @@ _LLAMA_KEYS = {
     "expert_count": (False, "u32"),
     "expert_used_count": (False, "u32"),
     "vocab_size": (False, "u32"),
+    "expert_feed_forward_length": (False, "u32"),
+    "expert_shared_feed_forward_length": (False, "u32"),
+    "expert_shared_count": (False, "u32"),
+    "leading_dense_block_count": (False, "u32"),
+    "expert_weights_norm": (False, "bool"),
+    "logit_scale": (False, "f32"),
 }
 _PER_LAYER = {"feed_forward_length", "attention.head_count", "attention.head_count_kv", "expert_used_count"}
 
@@ -479,9 +485,9 @@ def _trim(ne) -> tuple[int, ...]:
     return tuple(ne)
 
 
-def _llama_expectations(h: GGUFHeader, rep: Report) -> dict | None:
-    """Check llama KVs; return the hyperparameters (or None if a required one is unusable)."""
-    arch = "llama"
+def _llama_expectations(h: GGUFHeader, rep: Report, arch: str = "llama") -> dict | None:
+    """Check the ``{arch}.*`` KVs of a llama-like architecture (``archs.FILE_SPECS``);
+    return the hyperparameters (or None if a required one is unusable)."""
     hp: dict[str, Any] = {}
     ok = True
     for suffix, (required, typ) in _LLAMA_KEYS.items():
@@ -533,7 +539,7 @@ def _llama_expectations(h: GGUFHeader, rep: Report) -> dict | None:
     hd_v = int(hp.get("attention.value_length", n_embd // n_head[0]))
     n_rot = int(hp.get("rope.dimension_count", hd_k))
     if n_rot != hd_k:
-        rep.add("error", "metadata", f"{arch}.rope.dimension_count is {n_rot}; llama requires the head size {hd_k}",
+        rep.add("error", "metadata", f"{arch}.rope.dimension_count is {n_rot}; {arch} requires the head size {hd_k}",
                 expected=hd_k, found=n_rot)
     hp.update(n_layer=n_layer, n_embd=n_embd, hd_k=hd_k, hd_v=hd_v, n_rot=n_rot)
 
@@ -557,6 +563,7 @@ def _llama_expectations(h: GGUFHeader, rep: Report) -> dict | None:
         rep.add("error", "moe", f"{arch}.expert_used_count is {max(used)} without expert_count (llama.cpp aborts)",
                 expected=0, found=max(used))
     hp["n_expert"] = n_expert
+    hp["arch"] = arch
     return hp
 
 
@@ -581,14 +588,23 @@ def _vocab_size(h: GGUFHeader, rep: Report, arch: str) -> int | None:
 
 
 def _expected_llama_tensors(hp: dict, n_vocab: int | None) -> tuple[dict, dict]:
-    """(required, optional): name -> expected ne (None entries are wildcards)."""
+    """(required, optional): name -> expected ne (None entries are wildcards); the
+    architecture's additions from its ``archs.FileSpec``."""
+    from gguf_moe.archs import FILE_SPECS
+
+    spec = FILE_SPECS[hp.get("arch", "llama")]
     E, L = hp["n_embd"], hp["n_layer"]
     req: dict[str, tuple] = {"token_embd.weight": (E, n_vocab), "output_norm.weight": (E,)}
     opt: dict[str, tuple] = {"output.weight": (E, n_vocab), "rope_freqs.weight": (hp["n_rot"] // 2,)}
     nx = hp["n_expert"]
+    n_dense = int(hp.get("leading_dense_block_count", 0) or 0)
+    shexp_ff = spec.shexp_ff(hp) if spec.shexp and spec.shexp_ff else None
     for i in range(L):
         b = f"blk.{i}."
         nh, nkv, ff = hp["attention.head_count"][i], hp["attention.head_count_kv"][i], hp["feed_forward_length"][i]
+        ff_exp = int(hp.get(spec.ff_exp_key) or ff) if spec.ff_exp_key else ff
+        if spec.qk_norm:
+            req.update({b + "attn_q_norm.weight": (hp["hd_k"],), b + "attn_k_norm.weight": (hp["hd_k"],)})
         q, k, v = hp["hd_k"] * nh, hp["hd_k"] * nkv, hp["hd_v"] * nkv
         req.update({
             b + "attn_norm.weight": (E,),
@@ -599,16 +615,24 @@ def _expected_llama_tensors(hp: dict, n_vocab: int | None) -> tuple[dict, dict]:
             b + "ffn_norm.weight": (E,),
         })
         opt.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (k,), b + "attn_v.bias": (v,), b + "attn_output.bias": (E,)})
-        if nx == 0:
+        if nx == 0 or i < n_dense:
             req.update({b + "ffn_gate.weight": (E, ff), b + "ffn_down.weight": (ff, E), b + "ffn_up.weight": (E, ff)})
             opt.update({b + "ffn_gate.bias": (ff,), b + "ffn_down.bias": (E,), b + "ffn_up.bias": (ff,)})
         else:
             req.update({
                 b + "ffn_gate_inp.weight": (E, nx),
-                b + "ffn_down_exps.weight": (ff, E, nx),
-                b + "ffn_up_exps.weight": (E, ff, nx),
+                b + "ffn_down_exps.weight": (ff_exp, E, nx),
+                b + "ffn_up_exps.weight": (E, ff_exp, nx),
             })
-            opt[b + "ffn_gate_exps.weight"] = (E, ff, nx)
+            opt[b + "ffn_gate_exps.weight"] = (E, ff_exp, nx)
+            if shexp_ff:
+                req.update({
+                    b + "ffn_gate_shexp.weight": (E, shexp_ff),
+                    b + "ffn_up_shexp.weight": (E, shexp_ff),
+                    b + "ffn_down_shexp.weight": (shexp_ff, E),
+                })
+                if spec.shexp == "gated":
+                    req[b + "ffn_gate_inp_shexp.weight"] = (E,)
     return req, opt
 
 
@@ -640,7 +664,7 @@ def _check_llama_tensors(h: GGUFHeader, hp: dict, n_vocab: int | None, rep: Repo
             hint = " (a dense FFN tensor in an MoE model)"
         elif not hp["n_expert"] and ("_exps." in n or "ffn_gate_inp" in n):
             hint = " (an expert tensor but expert_count is missing or 0)"
-        rep.add("error", "tensors", f"unexpected tensor for a {hp['n_layer']}-layer llama model{hint}; "
+        rep.add("error", "tensors", f"unexpected tensor for a {hp['n_layer']}-layer {hp.get('arch', 'llama')} model{hint}; "
                 "llama.cpp refuses files with unknown tensors", n)
     if len(unknown) > 20:
         rep.add("error", "tensors", f"{len(unknown) - 20} more unexpected tensors")
@@ -657,9 +681,9 @@ def _check_llama_tensors(h: GGUFHeader, hp: dict, n_vocab: int | None, rep: Repo
         check = "tensors"
         msg = f"shape ne={list(t.ne)} does not match the KVs (expected {[w if w is not None else '?' for w in want]})"
         if nx and ("_exps." in name and len(t.ne) >= 3 and t.ne[2] != nx):
-            check, msg = "moe", f"has {t.ne[2]} experts (ne[2]) but llama.expert_count is {nx}"
+            check, msg = "moe", f"has {t.ne[2]} experts (ne[2]) but {hp.get('arch', 'llama')}.expert_count is {nx}"
         elif nx and name.endswith("ffn_gate_inp.weight") and len(t.ne) >= 2 and t.ne[1] != nx:
-            check, msg = "moe", f"router has {t.ne[1]} outputs (ne[1]) but llama.expert_count is {nx}"
+            check, msg = "moe", f"router has {t.ne[1]} outputs (ne[1]) but {hp.get('arch', 'llama')}.expert_count is {nx}"
         elif name in ("token_embd.weight", "output.weight") and n_vocab is not None and len(t.ne) == 2 \
                 and t.ne[0] == hp["n_embd"] and t.ne[1] != n_vocab:
             msg = f"has {t.ne[1]} rows but the vocabulary has {n_vocab} tokens"
@@ -918,6 +942,10 @@ def _compare_source(data: _Data, h: GGUFHeader, tensors: list[TensorInfo], sourc
         rep.add("error", "source", f"cannot read the source model: {e}")
         return
     with model:
+        routing = file_routing(h)
+        if model.routing is not None and routing is not None and routing != model.routing.source:
+            rep.add("error", "routing", f"the file's routing ({routing}) is not the source's ({model.routing.source}, "
+                    "config.json): llama.cpp computes another model", expected=model.routing.source, found=routing)
         by_name = {t.name: t for t in h.tensors}
         readable = {t.name for t in tensors}
         src_names = {st.name for st in model.tensors}
@@ -1020,8 +1048,22 @@ def _compare_one(data: _Data, t: TensorInfo, st) -> dict:
 # --------------------------------------------------------------------------- entry points
 
 
+def file_routing(h: GGUFHeader) -> str | None:
+    """What the file's expert routing computes in llama.cpp, in words (``archs.FileSpec``);
+    None for a dense file or an architecture gguf-moe does not write."""
+    from gguf_moe.archs import FILE_SPECS
+
+    arch = h.kv("general.architecture")
+    spec = FILE_SPECS.get(arch) if isinstance(arch, str) else None
+    if spec is None:
+        return None
+    p = f"{arch}."
+    return spec.routing({k[len(p):]: v.value for k, v in h.kvs.items() if k.startswith(p)})
+
+
 def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[str, str], None] | None = None) -> Report:
     """Check one GGUF file; never raises for problems in the file (they become findings)."""
+    from gguf_moe.archs import FILE_SPECS
     from gguf_moe.split import shard_paths_of
 
     path = Path(path)
@@ -1065,12 +1107,12 @@ def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[
     elif int(h.kv("split.count", 1) or 1) > 1:
         rep.add("info", "metadata", f"shard {h.kv('split.no', 0)} of a {h.kv('split.count')}-file split: the tensor-set "
                 "and shape checks need the whole model (merge it with llama-gguf-split first)")
-    elif arch == "llama":
-        hp = _llama_expectations(h, rep)
+    elif arch in FILE_SPECS:
+        hp = _llama_expectations(h, rep, arch)
         n_vocab = _vocab_size(h, rep, arch)
         if hp is not None:
             _check_llama_tensors(h, hp, n_vocab, rep)
-            rep.summary.update(n_layer=hp["n_layer"], n_expert=hp["n_expert"])
+            rep.summary.update(n_layer=hp["n_layer"], n_expert=hp["n_expert"], routing=file_routing(h))
     else:
         rep.add("info", "metadata", f"no tensor-set rules for architecture {arch!r}: only format and numeric checks")
     _check_types(h, hp, rep)
@@ -1150,6 +1192,7 @@ def inspect_file(path) -> dict:
     }
     if shards is not None:
         info["shards"] = [{"path": str(s.path), "file_size": s.file_size, "n_tensors": len(s.tensors)} for s in shards]
+    info["routing"] = file_routing(h)
     return _jsonable(info)
 
 
@@ -1173,6 +1216,8 @@ def _print_report(con, rep: Report, deep: bool) -> None:
     bits = ", ".join(f"{k} {s[k]}" for k in ("arch", "file_type", "n_tensors", "n_layer", "n_expert") if s.get(k) is not None)
     con.print(f"{status} {rep.path}" + (f" ({bits})" if bits else "")
               + f": {len(rep.errors)} errors, {len(rep.warnings)} warnings")
+    if s.get("routing"):
+        con.print(f"routing in llama.cpp: {s['routing']}")
     if rep.findings:
         tab = Table(show_lines=False, expand=False)
         for col in ("severity", "check", "tensor", "message"):
@@ -1271,6 +1316,8 @@ def inspect_cmd(file, as_json):
     con.print(f"[bold]{info['path']}[/]: GGUF v{info['version']}, {info['file_size']:,} bytes, "
               f"{tot['n_tensors']} tensors, {tot['n_elements']:,} weights, "
               + (f"{bpw:.3f} bits per weight" if bpw else "no weights"))
+    if info.get("routing"):
+        con.print(f"routing in llama.cpp: {info['routing']}")
     from rich.text import Text
 
     # keys are never wrapped; values are shortened to the room left (one line each)

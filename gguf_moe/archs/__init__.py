@@ -17,7 +17,7 @@ from gguf import MODEL_TENSOR
 
 from gguf_moe.archs import deepseek, llama, qwen2moe, qwen3moe
 from gguf_moe.archs.base import (
-    ROUTING_FLAG, ArchSpec, BlockLayout, HParams, Routing, TensorRule, gguf_name, routing_words, tensor_name_map,
+    ROUTING_FLAG, ArchSpec, BlockLayout, FileSpec, HParams, Routing, TensorRule, gguf_name, routing_words, tensor_name_map,
 )  # fmt: skip
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "ArchSpec",
     "HParams",
     "Routing",
+    "FileSpec",
+    "FILE_SPECS",
     "ROUTING_FLAG",
     "ARCHITECTURES",
     "BLOCK_LAYOUTS",
@@ -40,6 +42,9 @@ __all__ = [
 _MODULES = (llama, qwen2moe, qwen3moe, deepseek)
 
 ARCHITECTURES: dict[str, ArchSpec] = {spec.hf_arch: spec for m in _MODULES for spec in m.SPECS}
+
+#: what validate expects, by GGUF architecture name (every architecture some module writes)
+FILE_SPECS: dict[str, FileSpec] = {f.arch: f for m in _MODULES for f in m.FILES}
 
 #: every block layout by name
 BLOCK_LAYOUTS: dict[str, BlockLayout] = {lay.name: lay for spec in ARCHITECTURES.values() for lay in spec.layouts}

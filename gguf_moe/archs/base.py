@@ -263,3 +263,40 @@ LLAMA_GLOBALS = (
     # Absent with tied embeddings: llama.cpp then uses token_embd as the output matrix.
     TensorRule("lm_head.weight", ("n_vocab", "n_embd"), optional=True),
 )
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """What ``validate`` expects in a GGUF file of one llama.cpp architecture that gguf-moe
+    writes, beyond the llama tensor set (``validate`` reads the ``{arch}.*`` keys named
+    here from the file):
+
+    * ``ff_exp_key``: the key sizing the routed experts (None: ``feed_forward_length``);
+    * ``shexp``: ``""`` (none), ``"gated"`` (sigmoid-gated, with ``ffn_gate_inp_shexp``) or
+      ``"ungated"`` shared expert; ``shexp_ff(kv)`` its hidden size from the keys, None
+      when the file has none;
+    * ``qk_norm``: per-head ``attn_q_norm``/``attn_k_norm``;
+    * ``renormalises``: the graph renormalises the top-k router weights (None: as the key
+      ``{arch}.expert_weights_norm`` says).
+    """
+
+    arch: str
+    ff_exp_key: str | None = None
+    shexp: str = ""
+    shexp_ff: Callable[[Mapping[str, Any]], int | None] | None = None
+    qk_norm: bool = False
+    renormalises: bool | None = True
+
+    def routing(self, kv: Mapping[str, Any]) -> str | None:
+        """The file's routing in words (``routing_words``), from its keys; None for a dense
+        file."""
+        n_expert = int(kv.get("expert_count") or 0)
+        used = kv.get("expert_used_count")
+        used = max(used) if isinstance(used, list) else used
+        if not n_expert or not used:
+            return None
+        norm = self.renormalises if self.renormalises is not None else bool(kv.get("expert_weights_norm", False))
+        shared = ""
+        if self.shexp and (self.shexp_ff is None or self.shexp_ff(kv)):
+            shared = "sigmoid-gated shared expert" if self.shexp == "gated" else "ungated shared expert"
+        return routing_words(int(used), norm, shared)

@@ -22,7 +22,7 @@ from gguf import MODEL_ARCH
 
 from gguf_moe.archs import llama
 from gguf_moe.archs.base import (
-    LLAMA_GLOBALS, ROUTING_FLAG, ArchSpec, BlockLayout, Routing, TensorRule, attention_rules, expert_rules,
+    LLAMA_GLOBALS, ROUTING_FLAG, ArchSpec, BlockLayout, FileSpec, Routing, TensorRule, attention_rules, expert_rules,
     routing_words,
 )  # fmt: skip
 from gguf_moe.errors import ConfigError
@@ -120,4 +120,17 @@ SPECS = (
         expert_count_keys=("n_routed_experts",), expert_ff_key="moe_intermediate_size",
         read_hparams=_read, routing=_routing, write_kvs=write_kvs,
     ),
+)  # fmt: skip
+
+
+def _deepseek_shexp_ff(kv) -> int | None:
+    n = kv.get("expert_shared_count")
+    ff = kv.get("expert_feed_forward_length")
+    return int(n) * int(ff) if n and ff else None
+
+
+FILES = (
+    FileSpec("deepseek", ff_exp_key="expert_feed_forward_length", shexp="ungated", shexp_ff=_deepseek_shexp_ff,
+             renormalises=False),
+    FileSpec("granitemoe", shexp="ungated", shexp_ff=lambda kv: kv.get("expert_shared_feed_forward_length")),
 )  # fmt: skip

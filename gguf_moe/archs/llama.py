@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 from gguf import MODEL_ARCH
 
-from gguf_moe.archs.base import LLAMA_GLOBALS, ArchSpec, BlockLayout, TensorRule, attention_rules, expert_rules, fused_expert_rules
+from gguf_moe.archs.base import LLAMA_GLOBALS, ArchSpec, BlockLayout, FileSpec, TensorRule, attention_rules, expert_rules, fused_expert_rules
 
 ATTN = attention_rules(permute=True)
 
@@ -113,3 +113,5 @@ SPECS = (
     ArchSpec("LlamaForCausalLM", MODEL_ARCH.LLAMA, LLAMA_GLOBALS, (DENSE,), write_kvs=write_llama_kvs,
              extra_tensors=extra_tensors, writes_add_prefix=True),
 )  # fmt: skip
+
+FILES = (FileSpec("llama"),)

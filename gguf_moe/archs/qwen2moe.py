@@ -16,7 +16,7 @@ import gguf
 from gguf import MODEL_ARCH
 
 from gguf_moe.archs.base import (
-    LLAMA_GLOBALS, ROUTING_FLAG, ArchSpec, BlockLayout, Routing, TensorRule, attention_rules, expert_rules,
+    LLAMA_GLOBALS, ROUTING_FLAG, ArchSpec, BlockLayout, FileSpec, Routing, TensorRule, attention_rules, expert_rules,
     fused_expert_rules, routing_words,
 )  # fmt: skip
 
@@ -70,4 +70,10 @@ SPECS = (
         expert_count_keys=("num_experts",), expert_ff_key="moe_intermediate_size",
         shared_ff_key="shared_expert_intermediate_size", read_hparams=_read, routing=_routing, write_kvs=write_kvs,
     ),
+)  # fmt: skip
+
+FILES = (
+    FileSpec("qwen2moe", ff_exp_key="expert_feed_forward_length", shexp="gated",
+             shexp_ff=lambda kv: kv.get("expert_shared_feed_forward_length") or kv.get("feed_forward_length"),
+             renormalises=False),
 )  # fmt: skip

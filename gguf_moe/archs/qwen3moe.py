@@ -16,7 +16,7 @@ from gguf import MODEL_ARCH
 
 from gguf_moe.archs import qwen2moe
 from gguf_moe.archs.base import (
-    LLAMA_GLOBALS, ROUTING_FLAG, ArchSpec, BlockLayout, Routing, TensorRule, attention_rules, expert_rules,
+    LLAMA_GLOBALS, ROUTING_FLAG, ArchSpec, BlockLayout, FileSpec, Routing, TensorRule, attention_rules, expert_rules,
     fused_expert_rules, routing_words,
 )  # fmt: skip
 
@@ -57,3 +57,5 @@ SPECS = (
         read_hparams=_read, routing=_routing, write_kvs=qwen2moe.write_kvs,
     ),
 )  # fmt: skip
+
+FILES = (FileSpec("qwen3moe", ff_exp_key="expert_feed_forward_length", qk_norm=True),)
