@@ -111,7 +111,8 @@ def iq2_tables(name: str) -> Iq2Tables:
     step = 4096
     for a in range(0, off.size, step):
         p = pos[a : a + step]
-        d2 = (p * p).sum(axis=1)[:, None] + gnorm[None, :] - 2 * (p.astype(np.float64) @ gridf.T).astype(np.int64)  # exact
+        dot = (p.astype(np.float64) @ gridf.T).astype(np.int64)  # small integers: exact
+        d2 = (p * p).sum(axis=1)[:, None] + gnorm[None, :] - 2 * dot
         # the nwant smallest distinct distances of each row
         thr = d2.min(axis=1)
         for _ in range(nwant - 1):

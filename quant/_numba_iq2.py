@@ -112,7 +112,11 @@ def _pick(lv, a, b, c):
 
 
 @njit(**_JIT)
-def _fit(gs, lo, hi, denom, scale, all_refit, xv, w, wa, LL, LT, ON, fs, d2, glev, kmap, start, count, pstart, pcount, nbi, nbl):
+def _fit(
+    gs, lo, hi, denom, scale, all_refit,  # search parameters
+    xv, w, wa, LL, LT, ON, fs, d2,  # sub-block data and scratch
+    glev, kmap, start, count, pstart, pcount, nbi, nbl,  # tables()
+):
     """The scale search of one sub-block and its final requantization; returns the scale.
 
     Trials ``is = lo..hi`` (column ``t = is - lo`` of ``LT``/``ON``/``fs``): ``id = (5 +
@@ -371,7 +375,11 @@ def _kxxs(x, n, qw, glev, kmap, start, count, pstart, pcount, nbi, nbl, out):
                 continue
             for i in range(32):
                 LL[0, i] = Lqp[i]
-            scale = _fit(32, -6, 6, eff_max, scale, True, xv, w, wa, LL, LT, ON, fs, d2, glev, kmap, start, count, pstart, pcount, nbi, nbl)
+            scale = _fit(
+                32, -6, 6, eff_max, scale, True,
+                xv, w, wa, LL, LT, ON, fs, d2,
+                glev, kmap, start, count, pstart, pcount, nbi, nbl,
+            )
             if scale < _Z:
                 scale = -scale
                 for k in range(4):
@@ -438,7 +446,11 @@ def _kxs_s(x, n, qw, use_qw, s_type, glev, kmap, start, count, pstart, pcount, n
                 continue
             for i in range(16):
                 LL[0, i] = 0
-            scale = _fit(16, -9, 9, mx, mx / _FIVE, False, xv, w, wa, LL, LT, ON, fs, d2, glev, kmap, start, count, pstart, pcount, nbi, nbl)
+            scale = _fit(
+                16, -9, 9, mx, mx / _FIVE, False,
+                xv, w, wa, LL, LT, ON, fs, d2,
+                glev, kmap, start, count, pstart, pcount, nbi, nbl,
+            )
             if scale < _Z:
                 scale = -scale
                 m = 255 if s_type else 127
