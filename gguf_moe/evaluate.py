@@ -33,7 +33,9 @@ from gguf import MODEL_TENSOR as T
 
 from gguf_moe.calibrate import chunk_groups, set_threads
 from gguf_moe.errors import LayoutMismatch
-from gguf_moe.runner import GGUFWeights, ModelSpec, Runner, SourceWeights, import_torch, pick_device, tensor_name
+from gguf_moe.runner import (
+    GGUFWeights, ModelSpec, Runner, SourceWeights, import_torch, pick_device, release_memory, tensor_name,
+)  # fmt: skip
 from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
 
 __all__ = ["FileScore", "EvalResult", "evaluate", "summarize", "check_matches_source"]
@@ -173,6 +175,7 @@ def evaluate(
                         lw = r.load_layer(w, L)
                         r.layer(lw, hs[m], L, rope)
                         del lw
+                        release_memory()
                         step()
                 # scores, a few chunks at a time, with two output matrices in memory: the
                 # source's and one file's (the source's log-probs are recomputed per file)

@@ -71,6 +71,26 @@ def pick_device(name: str | None) -> str:
     return name
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps large freed blocks otherwise,
+    and each layer's weights would add to the resident set)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def tensor_name(kind: T, layer: int | None = None) -> str:
     base = TENSOR_NAMES[kind]
     return (base.format(bid=layer) if layer is not None else base) + ".weight"
@@ -517,6 +537,7 @@ class Runner:
             w = self.load_layer(weights, L)
             self.layer(w, H, L, rope, collect)
             del w
+            release_memory()
             if on_layer is not None:
                 on_layer(L)
         return H
