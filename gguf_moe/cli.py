@@ -632,7 +632,7 @@ def demo(outdir, backend, quiet):
 
 
 # ``validate`` and ``inspect`` are defined in gguf_moe.validate.
-from gguf_moe.validate import inspect_cmd, validate_cmd  # noqa: E402
+from gguf_moe.validate_cli import inspect_cmd, validate_cmd  # noqa: E402
 
 main.add_command(validate_cmd, "validate")
 main.add_command(inspect_cmd, "inspect")

@@ -173,8 +173,8 @@ def _make_best(W=8):
             xv, wv, o_, sc, va, off_, cnt_ = args
             mod = builder.module
             permps = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), perm_name)
-            fmin = cgutils.get_or_insert_function(mod, ir.FunctionType(_f32t, [vf]), f"llvm.vector.reduce.fmin.v{W}f32")
             umin = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [vi]), f"llvm.vector.reduce.umin.v{W}i32")
+            smin = cgutils.get_or_insert_function(mod, ir.FunctionType(_i32t, [vi]), f"llvm.vector.reduce.smin.v{W}i32")
             xarr = context.make_array(signature.args[0])(context, builder, xv)
             warr = context.make_array(signature.args[1])(context, builder, wv)
             iarr = context.make_array(signature.args[4])(context, builder, va)
@@ -220,9 +220,13 @@ def _make_best(W=8):
             bi.add_incoming(cur_i, builder.block)
             builder.cbranch(builder.icmp_signed("<", c1, cnt_), loop, done)
             builder.position_at_end(done)
-            mn = builder.call(fmin, [cur_v])
+            # kept values are finite (or the FLT_MAX start); +0.0 turns -0.0 into +0.0 (C
+            # finds them equal), then bits ^ (sign ? 0x7FFFFFFF : 0) orders like the floats
+            bits = builder.bitcast(builder.fadd(cur_v, ir.Constant(vf, [0.0] * W)), vi)
+            key = builder.xor(bits, builder.and_(builder.ashr(bits, ir.Constant(vi, [31] * W)), ir.Constant(vi, [0x7FFFFFFF] * W)))
+            mn = builder.call(smin, [key])
             hit = builder.and_(
-                builder.fcmp_ordered("==", cur_v, _splat(builder, mn, vf)),
+                builder.icmp_signed("==", key, _splat(builder, mn, vi)),
                 builder.icmp_signed(">=", cur_i, ir.Constant(vi, [0] * W)),
             )
             j = builder.call(umin, [builder.select(hit, cur_i, ir.Constant(vi, [-1] * W))])  # -1: unsigned max

@@ -66,8 +66,9 @@ def too_large(name: str, amax: float):
     from . import QuantError
 
     return QuantError(
-        f"{name}: values too large for the grid search (|x| up to {amax:.3g} in one block): "
-        "llama.cpp aborts on this input (GGML_ASSERT in iq3_find_best_neighbour); rescale the tensor"
+        f"{name}: no finite distance in the grid search (|x| up to {amax:.3g} in one block: values "
+        "too large, or negative importance weights): llama.cpp aborts on this input "
+        "(GGML_ASSERT in iq3_find_best_neighbour)"
     )
 
 

@@ -146,7 +146,16 @@ def _edge_inputs(n: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     zb[rng.random(n) < 0.3] = 0.0
     ones_zero = np.zeros(n, np.float32)
     ones_zero[::97] = 1.0
-    return x, {"none": None, "holes": zb, "mostly_zero": ones_zero, "all_zero": np.zeros(n, np.float32)}
+    negz = im.copy()
+    negz[rng.random(n) < 0.3] = -0.0  # -0.0 weights: distances of -0.0 and +0.0 tie in C
+    negz[512:544] = -0.0
+    return x, {
+        "none": None,
+        "holes": zb,
+        "mostly_zero": ones_zero,
+        "all_zero": np.zeros(n, np.float32),
+        "negative_zero": negz,
+    }
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -247,5 +256,5 @@ def test_values_ggml_cannot_quantize_raise(qtype):
     for backend in BACKENDS:
         mod, _ = quant._backend(backend)
         if qtype in mod.NAMES:
-            with pytest.raises(quant.QuantError, match="too large"):
+            with pytest.raises(quant.QuantError, match="no finite distance"):
                 quant.quantize(x, qtype, backend=backend)
