@@ -254,7 +254,7 @@ def test_ggml_aborts_on_overflowing_values():
 @pytest.mark.parametrize("qtype", TYPES)
 def test_dequantize_round_trip(qtype):
     """gguf's dequantizer reads our bytes: the reconstruction error of realistic weights is
-    that of a 2-bit code (relative RMS error well below 1, zero rows stay zero)."""
+    that of a 2-bit code (relative RMS error 0.3-0.56 here, below 0.7), zero rows stay zero."""
     x = _input("student_t")[:16].copy()
     x[3] = 0.0
     q = quant.quantize(x, qtype, imatrix=_imatrix(x.shape[1]))
@@ -263,4 +263,4 @@ def test_dequantize_round_trip(qtype):
     assert not y[3].any()
     rel = np.sqrt(((y - x) ** 2).mean(axis=1) / (x**2).mean(axis=1).clip(1e-30))
     rel = np.delete(rel, 3)
-    assert rel.max() < 0.6, rel
+    assert rel.max() < 0.7, rel  # random bytes give ~1 or more
