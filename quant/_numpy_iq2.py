@@ -11,8 +11,8 @@ Common scheme (one super-block of 256 values, sub-blocks of 32 (XXS) or 16 (XS, 
   ``2*sum(x*x)/256``; IQ2_S without imatrix: ``0.25*sigma2 + x*x``).
 * each group of 8 values is fitted as ``scale * sign * g`` with ``g`` a grid point
   (coordinates 1, 3, 5) and per-value signs.  XXS/XS store 7 sign bits: the 8th is implied
-  by even parity, so a group with an odd number of negatives flips the value with the
-  smallest ``w*x*x`` (first one on ties) to positive-as-negative (``xval`` becomes -|x|).
+  by even parity, so in a group with an odd number of negatives the value with the smallest
+  ``w*x*x`` (first one on ties) has its sign bit toggled and enters the fit as ``-|x|``.
 * a scale search over ``id = (5 + is/10)/m``: quantize every value to ``l`` in 0..2, look
   the point up; a point off the grid is replaced by the best of its precomputed neighbours
   (``quant/_iqgrid.py``; weighted distance with ``sqrt(w)``, first minimum wins).  The trial
@@ -183,7 +183,8 @@ def _weights(blocks, qw, gs, *, s_type):
 def _search(tab, xv, w, wa, scale, lo, hi, denom, active):
     """The common scale search over ``is = lo..hi``: ``id = (5 + is*0.1f)/denom``.
 
-    Returns (scale, best-L, is_on_grid per 8-group, accepted-anything) after the search.
+    Returns the scale, the levels and the on-grid flags per 8-group of the winning trial
+    (the initial ``scale``, zero levels and all-on-grid where no trial won).
     """
     gs, P = xv.shape
     ng = gs // 8
