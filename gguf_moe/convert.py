@@ -50,6 +50,8 @@ __all__ = [
 _FLOAT = (T.F32, T.F16, T.BF16)
 #: the ggml type whose bytes are a stored chunk's bytes (``SourceTensor.iter_stored``)
 _STORED = {np.dtype(np.uint16): T.BF16, np.dtype(np.float16): T.F16, np.dtype(np.float32): T.F32}
+#: the words a chunk of each checkpoint dtype is stored as (``SourceTensor.iter_stored``)
+_STORED_WORDS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 #: the float type a checkpoint dtype converts to without loss
 _SRC_FLOAT = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
 
@@ -298,35 +300,57 @@ class _Duplicates:
     Quantization works row by row, so a chunk whose source bytes and importance weights equal
     those of an earlier chunk of the same tensor has the same encoding: the writer reads those
     bytes back from the output (``reread``) instead of encoding them again.  Merges reuse a
-    source model for several experts, so whole expert slices repeat.  Only stacked-expert
-    tensors of quantized types are hashed (blake2b of each chunk as stored, and of its
-    importance weights); a chunk never crosses an expert.  Memory: one digest per chunk."""
+    source model for several experts, so whole expert slices repeat.
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.on = REUSE_DUPLICATES and len(shape) == 3 and shape[0] > 1
+    Only stacked-expert tensors of quantized types take part.  Each chunk gets a fingerprint
+    (blake2b of its row count and of its first, middle and last rows as stored, with the
+    digest of its importance weights); a chunk whose fingerprint matches an earlier one is
+    compared byte for byte with that chunk's source rows, read again (``read_rows(row,
+    n_rows)``, from the page cache) - so a chunk costs a few rows of hashing, and only a
+    repeat a full comparison.  A chunk never crosses an expert.  Memory: a few digests per
+    chunk, and one chunk while comparing."""
+
+    def __init__(self, shape: tuple[int, ...], read_rows=None):
+        self.on = REUSE_DUPLICATES and read_rows is not None and len(shape) == 3 and shape[0] > 1
         self.per = shape[1] if self.on else 0
         self.n_cols = shape[-1]
-        self.seen: dict[tuple, int] = {}  # (type, chunk digest, imatrix digest) -> first row
+        self.read_rows = read_rows
+        self.seen: dict[tuple, list[int]] = {}  # (type, fingerprint, imatrix digest) -> first rows
         self.reused: dict[T, dict[int, int]] = {}  # type -> expert -> rows copied
-        self._chunk: bytes | None = None
         self._stored: np.ndarray | None = None
+        self._print: bytes | None = None
+        self._same: dict[int, bool] = {}
 
     def chunk(self, stored: np.ndarray) -> None:
-        """The next chunk, as read from the source (digested only if needed)."""
-        self._stored, self._chunk = stored, None
+        """The next chunk, as read from the source."""
+        self._stored, self._print, self._same = stored, None, {}
 
     def _key(self, t: T, qw: np.ndarray | None) -> tuple:
-        if self._chunk is None:
-            self._chunk = hashlib.blake2b(np.ascontiguousarray(self._stored).view(np.uint8), digest_size=20).digest()
+        if self._print is None:
+            x = self._stored
+            h = hashlib.blake2b(len(x).to_bytes(8, "little"), digest_size=20)
+            for r in sorted({0, len(x) // 2, len(x) - 1}):
+                h.update(np.ascontiguousarray(x[r]).view(np.uint8))
+            self._print = h.digest()
         im = b"" if qw is None else hashlib.blake2b(np.ascontiguousarray(qw, dtype=np.float32), digest_size=20).digest()
-        return (t, self._chunk, im)
+        return (t, self._print, im)
+
+    def _equal(self, row: int) -> bool:
+        """This chunk's bytes equal the source rows from ``row``."""
+        if row not in self._same:
+            x = self._stored
+            y = np.asarray(self.read_rows(row, len(x)))
+            self._same[row] = x.dtype == y.dtype and x.shape == y.shape and bool(
+                np.array_equal(np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8))
+            )
+        return self._same[row]
 
     def find(self, w, t: T, qw: np.ndarray | None, row: int, n_rows: int) -> np.ndarray | None:
         """The encoding of rows ``row:row+n_rows`` as type ``t``, read back from ``w`` (which
         holds this tensor as ``t``) when an identical chunk was written before, else None."""
         if not self.on or t in _FLOAT:
             return None
-        first = self.seen.get(self._key(t, qw))
+        first = next((r for r in self.seen.get(self._key(t, qw), ()) if self._equal(r)), None)
         if first is None:
             return None
         rb = quant.row_bytes(t.name, self.n_cols)
@@ -338,11 +362,30 @@ class _Duplicates:
     def encoded(self, t: T, qw: np.ndarray | None, row: int) -> None:
         """Rows from ``row`` (this chunk) were encoded as ``t`` and written."""
         if self.on and t not in _FLOAT:
-            self.seen.setdefault(self._key(t, qw), row)
+            self.seen.setdefault(self._key(t, qw), []).append(row)
 
     def experts(self, t: T) -> int:
         """Expert slices of this tensor copied whole, not encoded, as type ``t``."""
         return sum(1 for n in self.reused.get(t, {}).values() if n == self.per)
+
+
+def _stored_rows(st: SourceTensor):
+    """``read_rows(row, n_rows)`` for ``_Duplicates``: rows of ``st`` as ``iter_stored``
+    yields them, for rows within one piece; None where chunks are not plain stored rows
+    (generated, or permuted per head)."""
+    if st.computed is not None or st.head_rows or any(p.raw.dtype not in _STORED_WORDS for p in st.pieces):
+        return None
+    starts = np.cumsum([0] + [p.nrows for p in st.pieces])
+
+    def read(row: int, n_rows: int) -> np.ndarray:
+        k = int(np.searchsorted(starts, row, side="right")) - 1
+        p = st.pieces[k]
+        words = _STORED_WORDS[p.raw.dtype]
+        isz = np.dtype(words).itemsize
+        at = p.offset + (row - int(starts[k])) * p.ncols * isz
+        return p.raw.shard.read(at, n_rows * p.ncols * isz, words).reshape(n_rows, p.ncols)
+
+    return read
 
 
 def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options | None = None, **kw) -> list[Path]:
@@ -401,7 +444,7 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
             for w in writers:
                 w.begin_tensor(st.name)
             row = 0
-            dups = _Duplicates(st.shape)
+            dups = _Duplicates(st.shape, _stored_rows(st))
             for stored in st.iter_stored(_max_rows(st.n_cols, chunk_bytes)):
                 _check_finite(stored, st, row)
                 # outputs wanting the same type share the bytes; the stored type needs no encoding

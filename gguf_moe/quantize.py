@@ -271,7 +271,7 @@ def _requantize_tensor(sw, t: PlannedTensor, cur: T, raw: np.ndarray, src: Path,
     nrows = rows.shape[0]
     per = max(1, shape[1] if len(shape) == 3 else nrows)  # chunks never cross an expert (imatrix)
     step = _max_rows(n, opts.chunk_bytes)
-    dups = _Duplicates(shape)
+    dups = _Duplicates(shape, lambda r, k: rows[r : r + k])
     for e0 in range(0, nrows, per):
         for r0 in range(e0, min(e0 + per, nrows), step):
             r1 = min(r0 + step, e0 + per, nrows)

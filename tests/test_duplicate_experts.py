@@ -1,8 +1,10 @@
 """Duplicated experts are encoded once, and the files stay llama.cpp's.
 
-Merges reuse one source model for several experts.  ``convert`` and ``quantize`` hash each
-chunk of a stacked-expert tensor (its source bytes and its importance weights) as it streams
-and copy the bytes already written for an identical chunk instead of encoding it again.
+Merges reuse one source model for several experts.  ``convert`` and ``quantize`` fingerprint
+each chunk of a stacked-expert tensor (a few of its rows and its importance weights) as it
+streams, compare a chunk whose fingerprint repeats byte for byte with the earlier chunk's
+source rows, and copy the bytes already written for an identical chunk instead of encoding
+it again.
 Here the encoder is counted, rows per tensor and type, to show that:
 
 * the duplicated expert of a merge is encoded once (``convert`` with one chunk or several
@@ -156,8 +158,9 @@ def test_quantize_encodes_the_duplicated_expert_once(merge, tmp_path, counting):
 
 
 def test_one_value_apart_is_encoded_again(merge, tmp_path, counting):
-    """Expert 3 of ffn_gate differs from expert 0 in one bf16 value (its last bit): it is
-    encoded; ffn_up and ffn_down are still copied.  Same bytes as llama-quantize."""
+    """Expert 3 of ffn_gate differs from expert 0 in one bf16 value (its last bit, in row 4,
+    which the fingerprint does not sample: the byte comparison decides): it is encoded;
+    ffn_up and ffn_down are still copied.  Same bytes as llama-quantize."""
     src0, _, _ = merge
     src = tmp_path / "m1"
     shutil.copytree(src0, src)
