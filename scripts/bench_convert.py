@@ -16,6 +16,12 @@ It also checks that gguf-moe's BF16, Q8_0, Q4_K_M and Q5_K_M tensors are byte-id
 (tensor by tensor; the two tools write tensors in different orders).  Generated models and
 outputs are deleted at the end (``--keep`` keeps them).
 
+``--reuse`` times the duplicated-expert reuse instead: ``gguf-moe convert -t Q4_K_M -t Q5_K_M``
+of the same merge (4 experts, the last a copy of expert 0, as a merge that reuses a source
+model) with every expert encoded (``gguf_moe.convert.REUSE_DUPLICATES = False``, before) and
+with the copy's encoding read back instead (after), alternating, best of ``--repeat`` runs;
+the files of the two must be byte-identical.
+
 ``--presets`` replaces the two-pass set (e.g. ``IQ4_XS,IQ3_M,Q4_K_M``: llama.cpp converts to
 BF16 and runs llama-quantize three times; gguf-moe writes the three files in one pass);
 ``--multi-only`` runs just that comparison.
@@ -23,6 +29,7 @@ BF16 and runs llama-quantize three times; gguf-moe writes the three files in one
     .venv/bin/python scripts/bench_convert.py                # both sizes (needs ~15 GB disk)
     .venv/bin/python scripts/bench_convert.py --sizes 0.5B   # smaller run
     .venv/bin/python scripts/bench_convert.py --sizes 1B --presets IQ4_XS,IQ3_M,Q4_K_M --multi-only
+    .venv/bin/python scripts/bench_convert.py --reuse --sizes 4L  # duplicate reuse, before/after
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ LLAMA_CONVERT = ROOT / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"
 # 4 experts: 37.2M parameters per layer.
 DIMS = dict(layout="legacy", hidden=1024, ff=2816, n_head=8, n_kv_head=2, n_expert=4, top_k=2,
             duplicate_expert=True, dtype="bfloat16", shards=4)
-SIZES = {"tiny": 1, "0.5B": 13, "1B": 26}  # tiny: a quick check of this script
+SIZES = {"tiny": 1, "2L": 2, "4L": 4, "0.5B": 13, "1B": 26}  # tiny: a quick check of this script
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int]:
@@ -119,10 +126,71 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int, list[str]]:
     return len(hb.tensors), nbytes, bad
 
 
+# gguf-moe's CLI with the duplicated-expert reuse switched off (the "before" of --reuse)
+NO_REUSE = "import sys, gguf_moe.convert as c; c.REUSE_DUPLICATES = False; from gguf_moe.cli import main; main()"
+
+
+def bench_reuse(sizes: list[str], work: Path, repeat: int) -> None:
+    """Duplicated-expert reuse: wall time, CPU time (steadier on a shared machine) and peak
+    RSS of the same conversion before and after; the files compared byte for byte."""
+    import hashlib
+
+    presets = ("Q4_K_M", "Q5_K_M")
+
+    def timed(cmd: list[str], log: Path) -> tuple[float, int, float]:
+        """(wall s, peak RSS bytes, CPU s of the child: user + system)."""
+        with open(log, "wb") as f:
+            t0 = time.perf_counter()
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+            _, status, ru = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"command failed: {' '.join(cmd)}\n{log.read_text(errors='replace')[-2000:]}")
+        return wall, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
+
+    table = []
+    for size in sizes:
+        src = work / f"moe4-{size}"
+        wall, _ = generate(src, SIZES[size], work / f"gen-{size}.log")
+        params = n_params(src)
+        print(f"[{size}] generated {params / 1e9:.3f}B params in {wall:.0f}s", flush=True)
+        best: dict[str, tuple[float, int, float]] = {}
+        digests: dict[str, dict[str, str]] = {}
+        for k in range(repeat):
+            for label, head in (("before", [PY, "-c", NO_REUSE]), ("after", [PY, "-m", "gguf_moe"])):
+                d = work / f"{size}-{label}"
+                cmd = head + ["convert", str(src), "--outdir", str(d), "--force", "--no-card"]
+                for t in presets:
+                    cmd += ["-t", t]
+                wall, rss, cpu = timed(cmd, work / f"{size}-{label}.log")
+                print(f"[{size}] {label:6s} run {k + 1}: {wall:6.1f} s wall  {cpu:6.1f} s CPU  "
+                      f"peak RSS {rss / 2**20:6.0f} MiB", flush=True)
+                w0, r0, c0 = best.get(label, (wall, rss, cpu))
+                best[label] = (min(wall, w0), max(rss, r0), min(cpu, c0))
+                digests[label] = {t: hashlib.sha256(next(d.glob(f"*-{t}.gguf")).read_bytes()).hexdigest() for t in presets}
+        for ln in (work / f"{size}-after.log").read_text().splitlines():
+            if ln.startswith("wrote"):
+                print(f"[{size}] {ln}", flush=True)
+        same = digests["before"] == digests["after"]
+        table.append((size, params, best["before"], best["after"], same))
+    print()
+    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
+          f"quant backend {os.environ.get('GGUF_MOE_QUANT_BACKEND', 'default')}; best of {repeat}")
+    print("| model | outputs | wall before / after (s) | speed-up | CPU before / after (s) | CPU ratio "
+          "| peak RSS before / after (MiB) | files |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for size, params, (wb, rb, cb), (wa, ra, ca), same in table:
+        print(f"| {size} ({params / 1e9:.3f}B, 4 experts, expert 3 = expert 0) | {' + '.join(presets)} "
+              f"| {wb:.1f} / {wa:.1f} | {wb / wa:.2f}x | {cb:.1f} / {ca:.1f} | {cb / ca:.2f}x "
+              f"| {rb / 2**20:.0f} / {ra / 2**20:.0f} | {'byte-identical' if same else 'DIFFER'} |")
+    if not all(r[4] for r in table):
+        raise SystemExit("the files with and without the reuse differ")
+
+
 def main() -> None:
     global TWO_PASS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="0.5B,1B", help=f"comma-separated, from {', '.join(SIZES)}")
+    ap.add_argument("--sizes", default=None, help=f"comma-separated, from {', '.join(SIZES)} (default 0.5B,1B; 4L with --reuse)")
     ap.add_argument("--tmpdir", default=None, help="where to put models and outputs (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     ap.add_argument("--skip-llama", action="store_true", help="only run gguf-moe")
@@ -130,16 +198,29 @@ def main() -> None:
                     help="presets of the two-pass comparison (default: %(default)s)")
     ap.add_argument("--multi-only", action="store_true",
                     help="only llama.cpp BF16 + llama-quantize per preset against one gguf-moe pass")
+    ap.add_argument("--reuse", action="store_true",
+                    help="only time Q4_K_M + Q5_K_M with and without the duplicated-expert reuse")
+    ap.add_argument("--repeat", type=int, default=2, help="--reuse: runs of each, the best counts (default 2)")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     TWO_PASS = tuple(p.strip().upper() for p in args.presets.split(",") if p.strip())
     if args.compare:
         print(json.dumps(same_tensors(Path(args.compare[0]), Path(args.compare[1]))))
         return
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = [s.strip() for s in (args.sizes or ("4L" if args.reuse else "0.5B,1B")).split(",") if s.strip()]
     for s in sizes:
         if s not in SIZES:
             ap.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    if args.reuse:
+        work = Path(tempfile.mkdtemp(prefix="gguf-moe-bench-", dir=args.tmpdir))
+        try:
+            bench_reuse(sizes, work, max(1, args.repeat))
+        finally:
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     if not args.skip_llama and not LLAMA_CONVERT.is_file():
         ap.error(f"{LLAMA_CONVERT.relative_to(ROOT)} is missing; run scripts/setup.sh --dev first")
 
