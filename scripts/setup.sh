@@ -2,7 +2,8 @@
 # Create .venv and install gguf-moe into it.
 #   scripts/setup.sh        runtime only (convert / quantize / validate / demo)
 #   scripts/setup.sh --dev  plus the test oracle: llama-cpp-python 0.3.36 built from its
-#                           sdist (pip caches the wheel), CPU torch, transformers, pytest,
+#                           sdist (pip caches the wheel), CPU torch, transformers, pytest, Ray
+#                           (the gguf-moe[ray] extra, for the farm's Ray tests),
 #                           llama.cpp's own convert_hf_to_gguf.py unpacked from the sdist, and
 #                           llama.cpp's tools (llama-gguf-split, llama-imatrix, llama-perplexity,
 #                           llama-quantize) built from it by scripts/llama_tools.sh into
@@ -34,7 +35,7 @@ if [ "$DEV" = 1 ]; then
     "${PIP[@]}" "torch==2.13.0"
     # llama.cpp as the test oracle, compiled for this CPU (first build ~10 min; cached after).
     CMAKE_ARGS="-DGGML_NATIVE=ON" "${PIP[@]}" --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
-    "${PIP[@]}" -e ".[dev,torch]"
+    "${PIP[@]}" -e ".[dev,torch,ray]"
     # llama.cpp's converter (reference for BF16 output), from the same sdist.
     REF=$ROOT/.cache/llama.cpp
     if [ ! -f "$REF/convert_hf_to_gguf.py" ]; then

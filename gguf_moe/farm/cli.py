@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -131,7 +132,8 @@ def run_cmd(plan_file, state_dir, executor, address, workers, no_space_check, dr
         click.echo(f"{title}; {len(tasks)} tasks, {len(complete)} complete from earlier runs", err=True)
     t0 = time.perf_counter()
     try:
-        with _Display(sys.stderr.isatty(), as_json, title) as show:
+        # stdout is for the --json object alone: what Ray prints about workers goes to stderr
+        with contextlib.redirect_stdout(sys.stderr), _Display(sys.stderr.isatty(), as_json, title) as show:
             st = run_plan(plan, tasks, journal, ex, on_change=show)
     except KeyboardInterrupt:
         raise GgufMoeError("interrupted; what completed is in the journal: run the same command again to resume") from None

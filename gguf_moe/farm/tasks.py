@@ -345,9 +345,20 @@ def run_task(spec: dict) -> dict:
     return {
         "outputs": _outputs(paths),
         "result": result,
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "worker": _worker_name(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _worker_name() -> str:
+    """host:pid, and the Ray node (first 8 hex digits of its id) inside a Ray worker."""
+    import sys
+
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        name += f"@{ray.get_runtime_context().get_node_id()[:8]}"
+    return name
 
 
 def _convert(spec: dict, threads) -> list[str]:
