@@ -65,13 +65,13 @@ PAD = 16
 
 @functools.cache
 def tables():
-    """``(glev, kmap, plist, pcode)`` for the kernels.
+    """``(glev, kmap, plist)`` for the kernels.
 
     ``glev``: int32 ``[2048*8]`` grid levels 0..2.  ``kmap``: ggml's kmap, except that an
     off-grid point refers to its list in ``plist`` as ``-(start + 1)``: ``plist[start]`` is
-    ggml's neighbour count ``cnt``, ``plist[start + PAD + j]`` (j < cnt) the neighbours in
-    ggml's order, padded with zeros to a multiple of ``PAD`` entries; ``pcode`` holds the
-    neighbours' 2-bit-field codes at the same places.  Only points whose fields are all
+    ggml's neighbour count ``cnt``; entry j < cnt of the list, ``plist[start + PAD + j]``, is
+    ``grid_index << 16 | code`` (code: the neighbour's eight 2-bit levels), in ggml's order,
+    padded with zeros to a multiple of ``PAD`` entries.  Only points whose fields are all
     0..2 (the only ones the quantizers form) get a list; the others get the empty list 0."""
     t = iq2_tables("IQ1_S")
     glev = ((t.grid.astype(np.int32) - 1) // 2).reshape(-1, 8)
@@ -84,20 +84,13 @@ def tables():
     cpad = (cnt + PAD - 1) // PAD * PAD
     pst = PAD + np.concatenate(([0], np.cumsum(PAD + cpad)[:-1]))
     plist = np.zeros(int(pst[-1] + PAD + cpad[-1]), np.int32)
-    pcode = np.zeros_like(plist)
     kmap = np.where(t.kmap >= 0, t.kmap, -1).astype(np.int32)  # -1: the empty list at 0
     for k in range(off.size):
         lst = t.neighbours[starts[k] + 1 : starts[k] + 1 + cnt[k]].astype(np.int32)
         plist[pst[k]] = cnt[k]
-        plist[pst[k] + PAD : pst[k] + PAD + cnt[k]] = lst
-        pcode[pst[k] + PAD : pst[k] + PAD + cnt[k]] = gcode[lst]
+        plist[pst[k] + PAD : pst[k] + PAD + cnt[k]] = (lst << 16) | gcode[lst]
         kmap[off[k]] = -(pst[k] + 1)
-    return (
-        np.ascontiguousarray(glev.reshape(-1)),
-        kmap,
-        plist,
-        pcode,
-    )
+    return np.ascontiguousarray(glev.reshape(-1)), kmap, plist
 
 
 @njit(inline="always", **_JIT)
@@ -106,7 +99,7 @@ def _lev(v0, v1, v2, c):
 
 
 @njit(**_JIT)
-def _neighbour2(plist, pcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2):
+def _neighbour2(plist, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2):
     """``iq1_find_best_neighbour2`` for the group ``xb[o + i*stride]`` (i < 8): grid index, or
     -1 where no neighbour has an error below FLT_MAX (ggml then aborts).
 
@@ -127,7 +120,7 @@ def _neighbour2(plist, pcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2
         neg |= (t[3 * i] < _Z) | (t[3 * i + 1] < _Z) | (t[3 * i + 2] < _Z)
     cnt = plist[start]
     cp = (cnt + PAD - 1) // PAD * PAD
-    codes = pcode[start + PAD : start + PAD + cp]  # a view: no negative-index handling inside the loop
+    p0 = np.uint64(start + PAD)  # unsigned indices: no negative-index handling in the loops
     t00, t01, t02 = t[0], t[1], t[2]
     t10, t11, t12 = t[3], t[4], t[5]
     t20, t21, t22 = t[6], t[7], t[8]
@@ -139,7 +132,7 @@ def _neighbour2(plist, pcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2
     if not neg:
         bestkey = _KEY_NONE
         for j in range(cp):
-            c = codes[j]
+            c = plist[p0 + np.uint64(j)]
             a = _Z + _lev(t00, t01, t02, c & 3)
             a += _lev(t10, t11, t12, (c >> 2) & 3)
             a += _lev(t20, t21, t22, (c >> 4) & 3)
@@ -152,9 +145,9 @@ def _neighbour2(plist, pcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2
             bestkey = min(bestkey, key)
         if bestkey == _KEY_NONE:
             return -1
-        return plist[start + PAD + (bestkey & 0xFFFFFFFF)]
+        return plist[p0 + np.uint64(bestkey & 0xFFFFFFFF)] >> 16
     for j in range(cnt):
-        c = codes[j]
+        c = plist[p0 + np.uint64(j)]
         a = _Z + _lev(t00, t01, t02, c & 3)
         a += _lev(t10, t11, t12, (c >> 2) & 3)
         a += _lev(t20, t21, t22, (c >> 4) & 3)
@@ -169,7 +162,7 @@ def _neighbour2(plist, pcode, start, xb, wb, o, stride, scale, q0, q1, q2, t, d2
     for j in range(cnt):
         if d2[j] < best:
             best = d2[j]
-            gi = plist[start + PAD + j]
+            gi = plist[p0 + np.uint64(j)] >> 16
     return gi
 
 
@@ -231,7 +224,7 @@ def _load(x, qw, n, use_qw, t0, nl, BS, X, W, amax, wl, sig):
 
 
 @njit(**_JIT)
-def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
+def _kiq1_s(x, n, qw, kmap, plist, glev, out):
     """IQ1_S bytes of the flat rows ``x`` (whole rows of length ``n``) with quant weights ``qw``.
 
     Returns -1, or the index of a sub-block where ggml's neighbour search finds no candidate
@@ -368,7 +361,7 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
                 gi = kmap[u]
                 if gi < 0:
                     moved = True
-                    gi = _neighbour2(plist, pcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                    gi = _neighbour2(plist, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
                     if gi < 0:
                         return g
                 idx[k] = gi
@@ -418,7 +411,7 @@ def _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out):
 
 
 @njit(**_JIT)
-def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
+def _kiq1_m(x, n, qw, use_qw, kmap, plist, glev, out):
     """IQ1_M bytes of the flat rows ``x`` (whole rows of length ``n`` when ``use_qw``; any
     whole super-blocks otherwise).  Returns -1, or the index of a sub-block where ggml's
     neighbour search finds no candidate (ggml aborts there): then ``out`` is incomplete."""
@@ -595,7 +588,7 @@ def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
                     gi = kmap[u]
                     if gi < 0:
                         moved = True
-                        gi = _neighbour2(plist, pcode, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
+                        gi = _neighbour2(plist, -kmap[u] - 1, X, W, (8 * k) * NL + s, NL, scale, q0, q1, q2, t, d2)
                         if gi < 0:
                             return t0 + s
                 fidx[2 * s + k] = gi
@@ -697,13 +690,13 @@ def _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out):
 
 def quantize(name: str, x: np.ndarray, n: int, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
     """Hook for ``quant._numba._run``: IQ1_S / IQ1_M of the flat rows ``x`` into ``out``."""
-    glev, kmap, plist, pcode = tables()
+    glev, kmap, plist = tables()
     if name == "IQ1_S":
         if not use_qw:
             raise ValueError("IQ1_S needs quant weights (ggml asserts)")
-        bad = _kiq1_s(x, n, qw, kmap, plist, pcode, glev, out)
+        bad = _kiq1_s(x, n, qw, kmap, plist, glev, out)
     else:
-        bad = _kiq1_m(x, n, qw, use_qw, kmap, plist, pcode, glev, out)
+        bad = _kiq1_m(x, n, qw, use_qw, kmap, plist, glev, out)
     if bad >= 0:
         from . import QuantError
 
