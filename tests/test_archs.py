@@ -35,6 +35,7 @@ MODELS = {
     "deepseek-shared": dict(arch="deepseek", n_shared=2, norm_topk_prob=False, seed=12),
     "deepseek-shared-norm": dict(arch="deepseek", n_shared=2, norm_topk_prob=True, seed=12),
     "deepseek-noshared": dict(arch="deepseek", n_shared=None, norm_topk_prob=True, seed=13),
+    "qwen2-fused": dict(arch="qwen2moe", layout="fused", norm_topk_prob=False, seed=14),
 }
 
 
@@ -165,7 +166,8 @@ def test_validate_deep_passes_and_says_the_routing(models, tmp_path, name):
     errors = [f for f in rep[0]["findings"] if f["severity"] == "error"]
     assert code == 0 and not errors, errors
     want = {"deepseek-shared": "softmax top-2, not renormalised, ungated shared expert",
-            "deepseek-shared-norm": "softmax top-2, renormalised, ungated shared expert"}  # fmt: skip
+            "deepseek-shared-norm": "softmax top-2, renormalised, ungated shared expert",
+            "qwen2-fused": "softmax top-2, not renormalised, sigmoid-gated shared expert"}  # fmt: skip
     assert rep[0]["summary"]["routing"] == want.get(name, "softmax top-2, renormalised")
     r = CliRunner().invoke(main, ["inspect", "--json", str(out)])
     assert json.loads(r.output)["routing"] == rep[0]["summary"]["routing"]
@@ -191,7 +193,7 @@ def _patch(path: Path, fn) -> None:
     r.data.flush()
 
 
-@pytest.mark.parametrize("name", ["qwen3-fused", "deepseek-shared"])
+@pytest.mark.parametrize("name", ["qwen3-fused", "deepseek-shared", "qwen2-fused"])
 def test_validate_flags_planted_defects(models, tmp_path, name):
     f32 = convert(models[name], tmp_path / "f.gguf", "-t", "F32")
     # NaN router
