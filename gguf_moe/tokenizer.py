@@ -206,7 +206,14 @@ def _token_content(entry: Any) -> str | None:
 
 
 class _Specials:
-    """Special token ids, add_* flags and the chat template, read as gguf-py's SpecialVocab."""
+    """Special token ids, add_* flags and the chat template, read as gguf-py's SpecialVocab.
+
+    Not ``gguf.SpecialVocab`` itself: the gguf package this project installs (PyPI 0.19.0)
+    lags the gguf-py of llama.cpp's converter; its SpecialVocab writes neither
+    ``tokenizer.ggml.normalizer.lowercase`` nor ``strip_accents`` (the converter's does), so
+    files would differ from the converter's for tokenizers with such normalizers.  It also
+    logs and skips malformed entries where a conversion must stop with one clear line
+    (``TokenizerError``)."""
 
     def __init__(self, src: Path, *, n_vocab: int | None, load_merges: bool):
         self.n_vocab = n_vocab
