@@ -14,6 +14,7 @@ that run.  Times are the best of ``--repeat`` runs (wall clock).
 
     .venv/bin/python scripts/bench_quant.py --threads 1
     .venv/bin/python scripts/bench_quant.py --threads 2 --types Q4_K,Q6_K --shapes 4096x4096
+    .venv/bin/python scripts/bench_quant.py --threads 1 --cpu-time --types IQ1_S,IQ1_M
 """
 
 from __future__ import annotations
@@ -96,12 +97,12 @@ def make_imatrix(n: int, seed: int) -> np.ndarray:
     return qw
 
 
-def best_time(fn, repeat: int):
+def best_time(fn, repeat: int, clock=time.perf_counter):
     best, res = float("inf"), None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         res = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best, res
 
 
@@ -115,6 +116,12 @@ def main(argv=None) -> int:
     ap.add_argument("--numpy", action="store_true", help="also time the numpy reference backend")
     ap.add_argument("--torch", action="store_true", help="also time the torch backend (if importable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --threads 1: time the CPU time of the calling thread instead of wall clock "
+        "(steadier on a machine shared with other work)",
+    )
     args = ap.parse_args(argv)
 
     f = load_ggml()
@@ -139,8 +146,14 @@ def main(argv=None) -> int:
     if not backends:
         sys.exit(f"bench_quant: none of the requested backends is available (have: {', '.join(avail)})")
 
+    if args.cpu_time and nthreads != 1:
+        ap.error("--cpu-time needs --threads 1 (both sides then run in the calling thread)")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     pool = ThreadPoolExecutor(max_workers=nthreads) if nthreads > 1 else None
-    print(f"threads={nthreads}  repeat={args.repeat}  cpu_count={os.cpu_count()}  backends={','.join(backends)}")
+    print(
+        f"threads={nthreads}  repeat={args.repeat}  cpu_count={os.cpu_count()}  backends={','.join(backends)}"
+        f"  clock={'thread CPU time' if args.cpu_time else 'wall'}"
+    )
 
     # JIT warm-up (numba compiles or loads its cache on first use of each kernel)
     t0 = time.perf_counter()
@@ -168,9 +181,11 @@ def main(argv=None) -> int:
                 variants = [True] if args.imatrix != "no" else []
             for use in variants:
                 qw = qw_full if use else None
-                tc, ref = best_time(lambda: ggml_chunked(f, t, x, qw, pool, nthreads), args.repeat)
+                tc, ref = best_time(lambda: ggml_chunked(f, t, x, qw, pool, nthreads), args.repeat, clock)
                 for b in backends:
-                    tb, got = best_time(lambda: quant.quantize(x, t, imatrix=qw, backend=b, threads=nthreads), args.repeat)
+                    tb, got = best_time(
+                        lambda: quant.quantize(x, t, imatrix=qw, backend=b, threads=nthreads), args.repeat, clock
+                    )
                     same = bool(np.array_equal(ref, got))
                     all_same &= same
                     print(
