@@ -29,7 +29,7 @@ from numba import njit
 
 from . import QuantError
 from ._iqgrid import IQ2_KMAP_SIZE, iq2_tables
-from ._numba import _JIT, _f16, _nint, _put16, _qp
+from ._numba import _JIT, _f16, _nint, _put16, _qp, _s8
 from ._numpy_iq2 import ABORT_MESSAGE
 
 F32 = np.float32
@@ -285,10 +285,15 @@ def _fit(
 
 @njit(**_JIT)
 def _grid_of(LL, k8, kmap):
-    """Grid index of the 8-group ``LL[0, k8:k8+8]`` (ggml aborts if it is off the grid)."""
+    """Grid index of the 8-group ``LL[0, k8:k8+8]``, ``u`` built as C does from ``int8_t``
+    levels into a ``uint16_t`` (see ``_numpy_iq2._grid_index``: only after a NaN scale can
+    the levels leave 0..2); ggml aborts (or reads past its map) where we refuse."""
     u = 0
     for i in range(8):
-        u |= LL[0, k8 + i] << (2 * i)
+        u |= _s8(LL[0, k8 + i]) << (2 * i)
+    u &= 0xFFFF
+    if u >= kmap.size:
+        raise ValueError(_ABORT)
     gi = kmap[u]
     if gi < 0:
         raise ValueError(_ABORT)

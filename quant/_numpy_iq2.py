@@ -100,7 +100,7 @@ def _fit_groups(tab, L, xv, wa, scale, groups):
     for k, mask in enumerate(groups):
         sl = slice(8 * k, 8 * k + 8)
         u = (L[sl] << _SHIFT8).sum(axis=0)
-        gi = kmap[u].astype(np.int64)
+        gi = kmap[np.minimum(u, kmap.size - 1)].astype(np.int64)  # u of unflagged groups may be anything
         off = mask & (gi < 0)
         if off.any():
             best = _best_neighbour(tab, u[off], xv[sl][:, off], wa[sl][:, off], scale[off])
@@ -180,15 +180,15 @@ def _weights(blocks, qw, gs, *, s_type):
     return xc, w
 
 
-def _search(tab, xv, w, wa, scale, lo, hi, denom, active):
+def _search(tab, xv, w, wa, scale, lo, hi, denom, active, L0=None):
     """The common scale search over ``is = lo..hi``: ``id = (5 + is*0.1f)/denom``.
 
     Returns the scale, the levels and the on-grid flags per 8-group of the winning trial
-    (the initial ``scale``, zero levels and all-on-grid where no trial won).
+    (the initial ``scale``, levels ``L0`` (default 0) and all-on-grid where no trial won).
     """
     gs, P = xv.shape
     ng = gs // 8
-    L = np.zeros((gs, P), np.int32)
+    L = np.zeros((gs, P), np.int32) if L0 is None else L0.astype(np.int32)
     on_grid = np.ones((ng, P), bool)
     best = np.zeros(P, F32)
     safe = np.where(active, denom, F32(1))
@@ -224,12 +224,20 @@ def _refit(tab, xv, w, wa, scale, L, groups):
 
 
 def _grid_index(tab, L):
-    """Grid index of every 8-group of ``L`` [gs, P] -> [gs/8, P] (the C aborts if off the grid)."""
+    """Grid index of every 8-group of ``L`` [gs, P] -> [gs/8, P].
+
+    ``u`` is built as C does from ``int8_t`` levels into a ``uint16_t``.  Levels are 0..2
+    except after a NaN scale, where IQ2_XXS keeps ``make_qp_quants``' levels (``uint8_t``
+    values, negative ones wrapped); a ``u`` outside the map or off the grid is where ggml
+    aborts (or reads past its map), and is refused.
+    """
     kmap = tab[1]
     out = []
     for k in range(L.shape[0] // 8):
-        u = (L[8 * k : 8 * k + 8] << _SHIFT8).sum(axis=0)
-        out.append(kmap[u])
+        l8 = L[8 * k : 8 * k + 8].astype(np.uint8).view(np.int8).astype(np.int64)
+        u = np.bitwise_or.reduce(l8 << _SHIFT8, axis=0) & 0xFFFF
+        inside = u < kmap.size
+        out.append(np.where(inside, kmap[np.where(inside, u, 0)], -1))
     gi = np.array(out, dtype=np.int64)
     if not (gi >= 0).all():
         raise _Abort
@@ -277,10 +285,10 @@ def iq2_xxs(xg, qw):
     xv, signs = _signs(xc, w, parity=True)
     mx = _group_max(xv)
     active = ~(mx < _ref.GROUP_MAX_EPS)
-    qp_scale, _ = _ref._make_qp_quants(xv, 4, w)
+    qp_scale, qp_L = _ref._make_qp_quants(xv, 4, w)
     eff_max = qp_scale * F32(3)
     active &= ~(eff_max <= 0)
-    scale, L, _ = _search(tab, xv, w, wa, qp_scale, -6, 6, eff_max, active)
+    scale, L, _ = _search(tab, xv, w, wa, qp_scale, -6, 6, eff_max, active, L0=qp_L)
     pos = active & (scale > 0)
     scale = _refit(tab, xv, w, wa, scale, L, np.repeat(pos[None], 4, axis=0))
     scale, signs = _finish_scale(scale, signs, 127)

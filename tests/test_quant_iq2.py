@@ -251,6 +251,26 @@ def test_ggml_aborts_on_overflowing_values():
     assert "grid_index >= 0" in r.stderr
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_iq2_xxs_overflowing_squares_match_ggml(backend):
+    """Super-blocks of values ~1e20 .. 3e37 mixed with tiny ones: ``x*x`` overflows, IQ2_XXS's
+    first fit (``make_qp_quants``) comes out inf/NaN and ggml carries on through its NaN
+    branches without aborting (checked for these inputs); we give its bytes."""
+    _skip_unless_implemented(backend, "IQ2_XXS")
+    rows = []
+    for seed in (1, 2, 3):
+        for e in (1e19, 1e20, 3e37):
+            rng = np.random.default_rng(seed)
+            r = (rng.standard_normal(256) * e).astype(np.float32)
+            r[rng.random(256) < 0.5] *= np.float32(1e-25)
+            rows.append(r)
+    x = np.stack(rows)
+    qw = np.ones(256, np.float32)
+    got = quant.quantize(x, "IQ2_XXS", imatrix=qw, backend=backend)
+    report = _describe(got, oracle.ggml_quantize(x, "IQ2_XXS", qw), x, "IQ2_XXS")
+    assert report is None, report
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_dequantize_round_trip(qtype):
     """gguf's dequantizer reads our bytes: the reconstruction error of realistic weights is
