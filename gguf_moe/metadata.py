@@ -138,15 +138,15 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
     in order; optional keys only when config.json has them (as the converter does)."""
     cfg, hp = model.config, model.hparams
     ff_field = model.routing.feed_forward if model.routing is not None else "n_ff"
-    w.add_block_count(hp["n_layer"])
+    w.add_block_count(hp.n_layer)
     if cfg.get("max_position_embeddings") is not None:
         w.add_context_length(int(cfg["max_position_embeddings"]))
-    w.add_embedding_length(hp["n_embd"])
+    w.add_embedding_length(hp.n_embd)
     w.add_feed_forward_length(hp[ff_field])
-    w.add_head_count(hp["n_head"])
+    w.add_head_count(hp.n_head)
     if cfg.get("num_key_value_heads") is not None:
-        w.add_head_count_kv(hp["n_head_kv"])
-    rope = hp["rope"]
+        w.add_head_count_kv(hp.n_head_kv)
+    rope = hp.rope
     rope_type = rope.get("rope_type")
     factor = rope.get("factor")
     if rope_type == "linear" and factor is not None:
@@ -168,18 +168,18 @@ def _hparams(w: gguf.GGUFWriter, model: SourceModel, file_type: int) -> None:
             w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
     elif rope_type in ("su", "longrope"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-    if hp["rope_theta"] is not None:
-        w.add_rope_freq_base(float(hp["rope_theta"]))
-    if hp["rms_eps"] is not None:
-        w.add_layer_norm_rms_eps(float(hp["rms_eps"]))
-    if hp["n_expert"]:
-        w.add_expert_count(hp["n_expert"])
-        w.add_expert_used_count(hp["n_expert_used"])
+    if hp.rope_theta is not None:
+        w.add_rope_freq_base(float(hp.rope_theta))
+    if hp.rms_eps is not None:
+        w.add_layer_norm_rms_eps(float(hp.rms_eps))
+    if hp.n_expert:
+        w.add_expert_count(hp.n_expert)
+        w.add_expert_used_count(hp.n_expert_used)
     if cfg.get("scoring_func") == "softmax":  # (the converter's score-function keys; the only one we read)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
-    if hp["head_dim_explicit"]:
-        w.add_key_length(hp["head_dim"])
-        w.add_value_length(hp["head_dim"])
+    if hp.head_dim_explicit:
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
     w.add_file_type(file_type)
     if model.spec is not None and model.spec.write_kvs is not None:
         model.spec.write_kvs(w, model)
@@ -212,7 +212,7 @@ def tokenizer_kvs(model: SourceModel, pre_tokenizer: str | None = None) -> dict[
 
     scratch = gguf.GGUFWriter(None, model.arch)
     before = set(scratch.kv_data[0])
-    add_tokenizer(scratch, model.path, vocab_size=model.hparams["vocab_size"], pre_tokenizer=pre_tokenizer)
+    add_tokenizer(scratch, model.path, vocab_size=model.hparams.vocab_size, pre_tokenizer=pre_tokenizer)
     return {k: v for k, v in scratch.kv_data[0].items() if k not in before}
 
 

@@ -507,12 +507,12 @@ def _check_dtype(raw: RawTensor) -> None:
 
 
 def _build(
-    rule: archmod.TensorRule, L: int | None, hp: dict, raw: dict[str, RawTensor], gguf_arch: MODEL_ARCH, used: set[str]
+    rule: archmod.TensorRule, L: int | None, hp: HParams, raw: dict[str, RawTensor], gguf_arch: MODEL_ARCH, used: set[str]
 ) -> SourceTensor | None:
     fmt = {"L": L} if L is not None else {}
     shape = tuple(hp[k] for k in rule.shape)
     map_as = (rule.map_as or rule.hf).format(**fmt, E="{E}")
-    mapped = archmod.gguf_name(gguf_arch, hp["n_layer"], map_as)
+    mapped = archmod.gguf_name(gguf_arch, hp.n_layer, map_as)
     if mapped is None:  # a table error, not a user error
         raise AssertionError(f"no GGUF name for {map_as!r}")
     name, kind = mapped
@@ -565,7 +565,7 @@ def _build(
             pieces.append(_Piece(t, t.offset, math.prod(shape[:-1]), cols))
     head_rows = None
     if rule.permute is not None:
-        head_rows = hp["head_dim"]
+        head_rows = hp.head_dim
     force_f32 = len(shape) == 1 or kind in archmod.F32_TENSORS
     return SourceTensor(
         name=name,
@@ -623,7 +623,7 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
             t = _build(rule, None, hp, raw, spec.gguf_arch, used)
             if t is not None:
                 tensors.append(t)
-        for L in range(hp["n_layer"]):
+        for L in range(hp.n_layer):
             for rule in layout.rules:
                 t = _build(rule, L, hp, raw, spec.gguf_arch, used)
                 if t is not None:
@@ -633,7 +633,7 @@ def open_model(src_dir: str | os.PathLike) -> SourceModel:
             ex = raw[extra[0]]
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise LayoutMismatch(
-                f"{ex.where} is not part of a {hp['n_layer']}-layer {hf_arch} checkpoint ({layout.name} layout){more}; "
+                f"{ex.where} is not part of a {hp.n_layer}-layer {hf_arch} checkpoint ({layout.name} layout){more}; "
                 "check num_hidden_layers in config.json"
             )
     except BaseException:
