@@ -356,7 +356,7 @@ def normalize_hparams(
     hp["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     hp["dtype"] = config.get("dtype", config.get("torch_dtype"))
     if spec is not None and spec.read_hparams is not None:
-        hp.update(spec.read_hparams(config, need, {"moe": moe, "layout": layout, "config_path": config_path}))
+        hp.update(spec.read_hparams(config, need, {"moe": moe, "layout": layout, "config_path": config_path, "hp": hp}))
     for k in ("n_vocab", "n_q", "n_kv", "one"):  # derived (HParams properties)
         hp.pop(k, None)
     return HParams(**hp)

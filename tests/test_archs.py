@@ -222,3 +222,21 @@ def test_validate_flags_planted_defects(models, tmp_path, name):
     assert r.exit_code == 0, r.output
     code, rep = _validate(str(bad))
     assert code == 1 and any(f["check"] == "moe" for f in rep[0]["findings"] if f["severity"] == "error"), rep[0]["findings"]
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+        ({"n_shared_experts": None}, "n_shared_experts is None; set it"),
+        ({"first_k_dense_replace": 1}, "first_k_dense_replace is 1"),
+        ({"scoring_func": "sigmoid"}, "scoring_func 'sigmoid'"),
+    ],
+)
+def test_deepseek_configs_llama_cpp_would_misread_are_refused(models, tmp_path, change, words):
+    src = tmp_path / "tiny-moe"
+    shutil.copytree(models["deepseek-shared"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | change))
+    r = CliRunner().invoke(main, ["convert", str(src), "-t", "BF16", "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output

@@ -169,7 +169,8 @@ class ArchSpec:
       in order (``BlockLayout.detect``);
     * ``expert_count_keys`` / ``expert_ff_key`` / ``shared_ff_key``: config.json keys for the
       number of experts, the routed and the shared experts' hidden size;
-    * ``read_hparams(config, need, base) -> dict``: architecture-specific HParams fields;
+    * ``read_hparams(config, need, base) -> dict``: architecture-specific HParams fields
+      (``base``: ``moe``, ``layout``, ``config_path`` and the common fields ``hp``);
     * ``routing(hp) -> Routing``: which llama.cpp architecture computes this model;
     * ``write_kvs(w, model)``: the architecture's GGUF keys after the common ones
       (``metadata``), for the target ``model.gguf_arch``;

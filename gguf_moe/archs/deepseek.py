@@ -54,6 +54,12 @@ def _read(config, need, base) -> dict:
         )
     if config.get("moe_layer_freq", 1) != 1:
         raise ConfigError(f"{where}: moe_layer_freq {config['moe_layer_freq']} makes some layers dense; not supported")
+    rope = base["hp"].get("rope_type")
+    if rope not in (None, "default"):
+        raise ConfigError(
+            f"{where}: rope scaling {rope!r} in a DeepSeek-MoE merge is not supported (llama.cpp's DeepSeek conversion "
+            "drops it, and the rotary factors of Llama 3.1 have no place in its file)"
+        )
     func = config.get("scoring_func", "softmax")
     if func != "softmax":
         raise ConfigError(f"{where}: scoring_func {func!r} is not supported (DeepSeek-MoE v1 routes with softmax)")
