@@ -52,7 +52,7 @@ LLAMA_CONVERT = ROOT / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"
 # 4 experts: 37.2M parameters per layer.
 DIMS = dict(layout="legacy", hidden=1024, ff=2816, n_head=8, n_kv_head=2, n_expert=4, top_k=2,
             duplicate_expert=True, dtype="bfloat16", shards=4)
-SIZES = {"tiny": 1, "2L": 2, "4L": 4, "0.5B": 13, "1B": 26}  # tiny: a quick check of this script
+SIZES = {"tiny": 1, "2L": 2, "4L": 4, "8L": 8, "0.5B": 13, "1B": 26}  # tiny: a quick check of this script
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int]:
