@@ -27,6 +27,7 @@ super-block refit are sequential sums over the 256 values, as in C.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 from numba import njit
@@ -63,8 +64,18 @@ _KEY_NONE = np.int64(0x7FFFFFFFFFFFFFFF)
 PAD = 16
 
 
-@functools.cache
+_tables_lock = threading.Lock()
+
+
 def tables():
+    """The kernels' tables (see ``_build_tables``), built once per process; worker threads
+    arriving together wait for the first build instead of repeating it."""
+    with _tables_lock:
+        return _build_tables()
+
+
+@functools.cache
+def _build_tables():
     """``(glev, kmap, plist)`` for the kernels.
 
     ``glev``: int32 ``[2048*8]`` grid levels 0..2.  ``kmap``: ggml's kmap, except that an
