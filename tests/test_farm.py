@@ -282,3 +282,63 @@ def test_dry_run_lists_tasks(case, tmp_path):
     assert conv["deps"] == [f"{NAME}/imatrix"]
     assert next(t for t in tasks if t["task"] == f"{NAME}/convert/BF16")["deps"] == []
     assert not (tmp_path / "out").exists()
+
+
+def test_split_set_equals_convert_split(case, tmp_path):
+    """With split_max_size every shard equals `convert --split-max-size`'s, and the card and
+    manifest list the parts."""
+    root, src, text, rel, ref = case
+    out = tmp_path / "rel"
+    d = out / NAME
+    d.mkdir(parents=True)
+    code, _, err = cli("convert", src, "-t", "BF16", "-o", d / f"{NAME}-BF16.gguf", "--split-max-size", "1M", "-q")
+    assert code == 0, err
+    hand = {f.name: sha(f) for f in d.iterdir()}
+    assert len(hand) >= 2  # really a set
+    shutil.rmtree(d)
+    import yaml
+
+    plan = tmp_path / "split.yaml"
+    plan.write_text(yaml.safe_dump({"outdir": str(out), "models": [{"source": str(src), "presets": ["BF16"],
+                                                                    "split_max_size": "1M"}]}))  # fmt: skip
+    code, res, err = cli("farm", "run", plan, "--workers", 1, "--json")
+    assert code == 0, err
+    assert {n: sha(d / n) for n in hand} == hand
+    man = json.loads((d / "manifest.json").read_text())
+    assert sorted(e["file"] for e in man["files"] if e["kind"] == "gguf") == sorted(hand)
+    assert f"| {len(hand)} |" in (d / "README.md").read_text()  # the Parts column
+
+
+def test_ctrl_c_stops_cleanly(case, tmp_path):
+    """SIGINT to the driver while tasks run: its workers are stopped, one error line, exit 1."""
+    root, src, text, rel, ref = case
+    out = tmp_path / "rel"
+    plan = write_plan(tmp_path, src, text, out)
+    proc = subprocess.Popen([sys.executable, "-m", "gguf_moe", "farm", "run", str(plan), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(r["event"] == "start" for r in _journal(out)):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert lines == [lines[0]] and "interrupted" in lines[0] and "resume" in lines[0], err
+    assert "Traceback" not in err
+    # the workers went with it: no process still has the driver as its parent
+    time.sleep(0.5)
+    kids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
+                kids.append(p.name)
+    assert not kids

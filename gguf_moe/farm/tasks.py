@@ -246,11 +246,18 @@ def _outputs(paths: list[str]) -> list[dict]:
 
 
 def _split_files(path: str, split_max_size) -> list[str]:
+    """The files output ``path`` was written as: itself, or the shards of its split set
+    (``<stem>-00001-of-0000N.gguf`` ...; the newest set when an older one is still there)."""
     if not split_max_size:
         return [path]
     from gguf_moe.split import shard_paths_of
 
-    return [str(p) for p in (shard_paths_of(Path(path)) or [Path(path)])]
+    p = Path(path)
+    stem = p.name[: -len(".gguf")] if p.name.endswith(".gguf") else p.name
+    firsts = sorted(p.parent.glob(f"{stem}-00001-of-[0-9][0-9][0-9][0-9][0-9].gguf"), key=lambda f: f.stat().st_mtime_ns)
+    if not firsts:
+        return [path]
+    return [str(x) for x in shard_paths_of(firsts[-1])]
 
 
 def _eval_file(path: str, split_max_size) -> str:
