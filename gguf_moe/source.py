@@ -28,6 +28,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -344,7 +345,7 @@ def normalize_hparams(
     hp["n_ctx"] = config.get("max_position_embeddings")
     hp["rms_eps"] = opt_num("rms_norm_eps")
     rope = _rope(config)
-    hp["rope"] = rope
+    hp["rope"] = MappingProxyType(rope)  # read-only, as the rest of HParams
     theta = rope.get("rope_theta")
     if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))):
         raise ConfigError(f"{config_path}: rope_theta must be a number, found {theta!r}")
