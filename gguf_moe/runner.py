@@ -402,19 +402,26 @@ class Runner:
         scale = (1.0 / torch.sqrt((mean + eps).to(f32).double()).to(f32).double()).to(f32)
         return (x * scale) * w
 
-    def _mm(self, x, wt):
-        """``x @ W.T`` with llama.cpp's rounding of ``x`` for W's type when asked."""
+    def _mm(self, x, wt, shared: dict | None = None):
+        """``x @ W.T`` with llama.cpp's rounding of ``x`` for W's type when asked.
+        ``shared``: a dict for products with the same input, so each rounding is done once."""
         w, ty = wt
         if self.round_activations:
             kind = _vec_dot_kind(ty)
-            if kind == "Q8_0":
-                x = _round_q8_0(self.torch, x)
-            elif kind == "Q8_K":
-                x = _round_q8_k(self.torch, x)
-            elif kind == "F16":
-                x = x.half().float()
-            elif kind == "BF16":
-                x = x.bfloat16().float()
+            if kind is not None:
+                xr = shared.get(kind) if shared is not None else None
+                if xr is None:
+                    if kind == "Q8_0":
+                        xr = _round_q8_0(self.torch, x)
+                    elif kind == "Q8_K":
+                        xr = _round_q8_k(self.torch, x)
+                    elif kind == "F16":
+                        xr = x.half().float()
+                    else:
+                        xr = x.bfloat16().float()
+                    if shared is not None:
+                        shared[kind] = xr
+                x = xr
         return x @ w.T
 
     def _rope(self, x, cos, sin):
@@ -447,7 +454,8 @@ class Runner:
         x = self._rms(h, w[T.ATTN_NORM][0])
         if collect is not None:
             collect.add(tuple(name(k) for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)), x)
-        q, k_, v = (self._mm(x, w[k]) for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
+        sh: dict = {}
+        q, k_, v = (self._mm(x, w[k], sh) for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
         if (T.ATTN_Q, "bias") in w:
             q = q + w[(T.ATTN_Q, "bias")][0]
         if (T.ATTN_K, "bias") in w:
@@ -476,7 +484,8 @@ class Runner:
         if not s.moe:
             if collect is not None:
                 collect.add((name(T.FFN_GATE), name(T.FFN_UP)), x)
-            g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE])) * self._mm(x, w[T.FFN_UP])
+            sh = {}
+            g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE], sh)) * self._mm(x, w[T.FFN_UP], sh)
             if collect is not None:
                 collect.add(name(T.FFN_DOWN), g)
             return h + self._mm(g, w[T.FFN_DOWN])
@@ -508,18 +517,20 @@ class Runner:
                 if collect is not None:
                     collect.add(name(T.FFN_DOWN_EXP), xe.new_zeros((0, wd.shape[-1])), E, e)
                 continue
-            ge = torch.nn.functional.silu(self._mm(xe, (wg[e], tg))) * self._mm(xe, (wu[e], tu))
+            sh = {}
+            ge = torch.nn.functional.silu(self._mm(xe, (wg[e], tg), sh)) * self._mm(xe, (wu[e], tu), sh)
             if collect is not None:
                 collect.add(name(T.FFN_DOWN_EXP), ge, E, e)
             out[rows] += self._mm(ge, (wd[e], td)) * top_w[rows, slot, None]  # a token picks an expert once
         if s.shared_expert:
             if collect is not None:
                 collect.add(tuple(name(k) for k in (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_GATE_INP_SHEXP)), x)
-            g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE_SHEXP])) * self._mm(x, w[T.FFN_UP_SHEXP])
+            xs: dict = {}
+            g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE_SHEXP], xs)) * self._mm(x, w[T.FFN_UP_SHEXP], xs)
             if collect is not None:
                 collect.add(name(T.FFN_DOWN_SHEXP), g)
-            sh = self._mm(g, w[T.FFN_DOWN_SHEXP])
-            out = out + sh * torch.sigmoid(self._mm(x, w[T.FFN_GATE_INP_SHEXP]))
+            shared = self._mm(g, w[T.FFN_DOWN_SHEXP])
+            out = out + shared * torch.sigmoid(self._mm(x, w[T.FFN_GATE_INP_SHEXP], xs))
         return out
 
     # whole passes ------------------------------------------------------------
