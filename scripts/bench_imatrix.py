@@ -83,7 +83,15 @@ def main() -> None:
         if not (LLAMA_BIN / tool).is_file():
             raise SystemExit(f"{LLAMA_BIN / tool} missing: run scripts/setup.sh --dev")
     work = Path(tempfile.mkdtemp(prefix="bench-imatrix-", dir=args.tmpdir))
-    rows: list[tuple[str, float, int, str]] = []
+
+    class Rows(list):  # each row is printed as soon as it is measured
+        def __iadd__(self, items):
+            for name, w, r, note in items:
+                print(f"{name:<58} {w:>8.1f}s {mib(r):>11}  {note}", flush=True)
+            return super().__iadd__(items)
+
+    rows: list[tuple[str, float, int, str]] = Rows()
+    print(f"{'step':<58} {'wall':>9} {'peak RSS':>11}", flush=True)
     try:
         n_layer = SIZES[args.size]
         src = work / f"moe-{args.size}"
@@ -115,6 +123,7 @@ def main() -> None:
             ("gguf-moe imatrix", w3, r3, f"goal < {mib(goal)}"),
         ]
         counts_equal = compare_counts(ref, ours)
+        print(f"imatrix vs llama-imatrix: {counts_equal}", flush=True)
 
         # ---- eval
         if not args.skip_eval:
@@ -149,10 +158,6 @@ def main() -> None:
 
         print(f"\nmodel: {args.size} bench merge ({n_layer} layers, 4 experts), text {text}, ctx {args.ctx}, "
               f"{args.chunks} chunks, {th} threads")  # fmt: skip
-        print(f"{'step':<58} {'wall':>9} {'peak RSS':>11}")
-        for name, w, r, note in rows:
-            print(f"{name:<58} {w:>8.1f}s {mib(r):>11}  {note}")
-        print(f"imatrix counts equal to llama-imatrix's: {counts_equal}")
         if not args.skip_eval:
             print(f"\n{'file':<28} {'ppl llama.cpp':>14} {'ppl gguf-moe':>13} {'KLD llama.cpp':>14} {'KLD gguf-moe':>13}")
             for f in res["files"]:
@@ -165,15 +170,29 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def compare_counts(a: Path, b: Path) -> bool:
+def compare_counts(a: Path, b: Path) -> str:
+    """How gguf-moe's imatrix ``b`` agrees with llama-imatrix's ``a``: dense counts, expert
+    counts (a router tie within float noise may go either way) and the sums."""
     import numpy as np
     from gguf import GGUFReader
 
-    def counts(p):
-        return {t.name: np.array(t.data).reshape(-1) for t in GGUFReader(p).tensors if t.name.endswith(".counts")}
+    def load(p):
+        return {t.name: np.array(t.data, dtype=np.float64).reshape(-1) for t in GGUFReader(p).tensors}
 
-    ca, cb = counts(a), counts(b)
-    return ca.keys() == cb.keys() and all(np.array_equal(ca[k], cb[k]) for k in ca)
+    ta, tb = load(a), load(b)
+    if ta.keys() != tb.keys():
+        return f"different entries ({len(ta)} vs {len(tb)} tensors)"
+    dense_ok, moved, worst = True, 0, 0.0
+    for k in ta:
+        if k.endswith(".counts"):
+            if ta[k].size == 1:
+                dense_ok &= bool(ta[k][0] == tb[k][0])
+            else:
+                moved += int(np.abs(ta[k] - tb[k]).sum())
+        else:
+            worst = max(worst, float((np.abs(ta[k] - tb[k]) / np.maximum(np.abs(ta[k]), 1e-30)).max()))
+    return (f"dense counts {'equal' if dense_ok else 'DIFFER'}; expert counts differ by {moved} token-routings in all; "
+            f"sums max rel diff {worst:.1e}")
 
 
 if __name__ == "__main__":
