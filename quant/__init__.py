@@ -185,14 +185,22 @@ def _backend_for(qname: str, backend: str | None):
     """The backend module (and device) that quantizes ``qname``.
 
     A backend lists the types it implements in ``NAMES``.  With ``backend=None`` a default
-    backend lacking the type falls back to numpy (which implements every type); a backend
-    named explicitly must implement it.
+    backend lacking the type (torch:cuda has no i-quant search kernels) falls back to numba
+    where it is importable and implements it, else to numpy (which implements every type); a
+    backend named explicitly must implement it.
     """
     name = backend or _default_backend()
     mod, device = _backend(name)
     if qname in getattr(mod, "NAMES", ()):
         return mod, device
     if backend is None:
+        if not name.startswith("numba"):
+            try:
+                nb = _backend("numba")
+            except QuantError:
+                nb = None
+            if nb is not None and qname in getattr(nb[0], "NAMES", ()):
+                return nb
         return _backend("numpy")
     raise QuantError(f"backend {name!r} does not implement {qname}; use backend='numpy' or leave backend unset")
 
