@@ -129,7 +129,8 @@ def test_type_of_wrong_kind():
 
 def test_backend_lacking_a_type(monkeypatch):
     """A backend implements the types in its ``NAMES``: named explicitly, a missing type is a
-    QuantError naming both; as the default backend, numpy quantizes that type instead."""
+    QuantError naming both; as the default backend, numba (else numpy) quantizes that type
+    instead."""
     import types
 
     from quant import _numpy
@@ -150,6 +151,8 @@ def test_backend_lacking_a_type(monkeypatch):
     monkeypatch.setenv("GGUF_MOE_QUANT_BACKEND", "partial")
     got = quant.quantize(x, "Q3_K")
     assert calls == [] and np.array_equal(got, quant.quantize(x, "Q3_K", backend="numpy"))
+    expected = "numba" if "numba" in quant.available_backends() else "numpy"
+    assert quant._backend_for("Q3_K", None)[0] is quant._backend(expected)[0]
     quant.quantize(x, "Q8_0")
     assert calls == ["Q8_0"]
 
