@@ -255,6 +255,7 @@ def test_imatrix_identical_for_1_2_3_shards(case, tmp_path):
         (lambda p: p.replace("source: ", "source: /nonexistent/"), "not a directory"),
         (lambda p: p.replace("calib.txt", "missing.txt"), "does not exist"),
         (lambda p: p.replace("chunks: 48", "chunks: 48\n    threads: 3"), "unknown key 'threads'"),
+        (lambda p: p.replace("models:", "  device: tpu\nmodels:"), "device must be cpu or cuda"),
     ],
 )
 def test_bad_plans_one_line(case, tmp_path, edit, expect):

@@ -85,8 +85,21 @@ class LocalExecutor:
     def can_submit(self, spec: dict) -> bool:
         if len(self.running) >= self.workers:
             return False
+        if spec.get("gpus") and sum(h.spec.get("gpus", 0) for h in self.running) + spec["gpus"] > self.n_gpus():
+            return False  # one GPU task per GPU at a time
         used = sum(h.spec["memory"] for h in self.running)
         return not self.running or used + spec["memory"] <= self.memory
+
+    @staticmethod
+    def n_gpus() -> int:
+        """NVIDIA GPUs here (at least 1, so a cuda task can start and report its own error)."""
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if env is not None:
+            return max(1, len([d for d in env.split(",") if d.strip()]))
+        try:
+            return max(1, len([d for d in os.listdir("/proc/driver/nvidia/gpus")]))
+        except OSError:
+            return 1
 
     def submit(self, spec: dict) -> Handle:
         spec = {**spec, "threads": self.threads, "cpus": self.threads}
@@ -189,7 +202,7 @@ class RayExecutor:
         if self.node_memory:
             mem = min(mem, int(self.node_memory * 0.8))
         h = Handle(spec, where="ray")
-        h.ref = self.fn.options(num_cpus=threads, memory=mem, name=spec["id"]).remote(spec)
+        h.ref = self.fn.options(num_cpus=threads, num_gpus=spec.get("gpus", 0), memory=mem, name=spec["id"]).remote(spec)
         self.running.append(h)
         return h
 

@@ -8,6 +8,7 @@
       imatrix: {text: calib.txt, ctx: 512, chunks: 100}
       eval: {text: eval.txt, ctx: 512, chunks: 50}
       split_max_size: 50G
+      device: cpu               # imatrix/eval in torch: cpu (default) or cuda (one GPU per task)
     models:
       - source: path/to/merge   # or org/name[@revision]
         presets: [Q8_0, Q5_K_M] # any default may be overridden per model
@@ -30,7 +31,7 @@ from gguf_moe.errors import GgufMoeError
 __all__ = ["PlanError", "TextSpec", "ModelJob", "Plan", "load_plan"]
 
 _TOP = ("outdir", "defaults", "models")
-_SETTINGS = ("presets", "imatrix", "eval", "split_max_size")
+_SETTINGS = ("presets", "imatrix", "eval", "split_max_size", "device")
 _MODEL = ("source",) + _SETTINGS
 _TEXT = ("text", "ctx", "chunks")
 
@@ -83,6 +84,7 @@ class ModelJob:
     imatrix: TextSpec | None = None
     eval: TextSpec | None = None
     split_max_size: int | None = None
+    device: str = "cpu"
     line: int = 0
     #: filled by ``tasks.expand``: chunk count and groups per text
     info: dict[str, Any] = field(default_factory=dict)
@@ -230,5 +232,9 @@ def load_plan(path: str | Path) -> Plan:
         evaluation = _text(path, base, ev, f"{what} eval" if owner is m else "defaults eval")
         owner, sp = get("split_max_size")
         split = _split(path, sp, _line(owner, "split_max_size"))
-        jobs.append(ModelJob(src, name, outdir / name, presets, imatrix, evaluation, split, line))
+        owner, device = get("device")
+        device = "cpu" if device is None else device
+        if device not in ("cpu", "cuda"):
+            raise PlanError(f"{_where(path, _line(owner, 'device'))}: device must be cpu or cuda, not {device!r}")
+        jobs.append(ModelJob(src, name, outdir / name, presets, imatrix, evaluation, split, device, line))
     return Plan(path, outdir, jobs)

@@ -154,7 +154,7 @@ def expand(plan) -> list[dict]:
 
         def add(kind: str, tid: str, params: dict, outputs: list[str], deps: list[str], memory: int, **extra) -> dict:
             t = {**base, "id": f"{job.name}/{tid}", "kind": kind, "params": params, "outputs": outputs,
-                 "deps": [f"{job.name}/{d}" for d in deps], "memory": int(memory), "cpus": 1, **extra}  # fmt: skip
+                 "deps": [f"{job.name}/{d}" for d in deps], "memory": int(memory), "cpus": 1, "gpus": 0, **extra}  # fmt: skip
             tasks.append(t)
             return t
 
@@ -169,8 +169,9 @@ def expand(plan) -> list[dict]:
             part_ids = []
             for gi in range(len(groups)):
                 tid = f"imatrix/{gi:03d}"
-                add("imatrix_part", tid, {**tp, "group": gi, "n_groups": len(groups)},
-                    [str(parts_dir / f"imatrix-{gi:03d}.npz")], [], 2 * layer + act + 512 * _MB)  # fmt: skip
+                add("imatrix_part", tid, {**tp, "group": gi, "n_groups": len(groups), "device": job.device},
+                    [str(parts_dir / f"imatrix-{gi:03d}.npz")], [], 2 * layer + act + 512 * _MB,
+                    gpus=1 if job.device == "cuda" else 0)  # fmt: skip
                 part_ids.append(tid)
             im_path = str(job.dir / f"{job.name}.imatrix.gguf")
             add("imatrix", "imatrix", {**tp, "n_chunk": n_chunk, "n_groups": len(groups)}, [im_path], part_ids,
@@ -196,8 +197,9 @@ def expand(plan) -> list[dict]:
             part_ids = []
             for gi, g in enumerate(groups):
                 tid = f"eval/{gi:03d}"
-                add("eval_part", tid, {**tp, "group": gi, "n_groups": len(groups)},
-                    [str(parts_dir / f"eval-{gi:03d}.npz")], conv_ids, 2 * layer + 3 * head + act + 512 * _MB)  # fmt: skip
+                add("eval_part", tid, {**tp, "group": gi, "n_groups": len(groups), "device": job.device},
+                    [str(parts_dir / f"eval-{gi:03d}.npz")], conv_ids, 2 * layer + 3 * head + act + 512 * _MB,
+                    gpus=1 if job.device == "cuda" else 0)  # fmt: skip
                 part_ids.append(tid)
             eval_json = str(job.dir / "eval.json")
             add("eval", "eval", {**tp, "n_groups": len(groups)}, [eval_json], part_ids, 256 * _MB + head)
@@ -279,7 +281,7 @@ def run_task(spec: dict) -> dict:
 
         with open_source(spec["source"]) as (model_dir, _):
             r = compute_imatrix(model_dir, p["text"], ctx=p["ctx"], chunks=p["chunks"], threads=threads,
-                                device=spec.get("device"), only_groups=[p["group"]])  # fmt: skip
+                                device=p["device"], only_groups=[p["group"]])  # fmt: skip
         part = r.parts[p["group"]]
         arrays = {}
         for name, (s, c) in part.items():
@@ -317,7 +319,7 @@ def run_task(spec: dict) -> dict:
         files = [_eval_file(f, spec.get("split_max_size")) for f in p["files"]]
         with open_source(spec["source"]) as (model_dir, _):
             r = evaluate(model_dir, files, p["text"], ctx=p["ctx"], chunks=p["chunks"], threads=threads,
-                         device=spec.get("device"), only_groups=[p["group"]])  # fmt: skip
+                         device=p["device"], only_groups=[p["group"]])  # fmt: skip
         g = r.groups[p["group"]]
         n_score = p["ctx"] - 1 - p["ctx"] // 2
         a, b = g.start * n_score, g.stop * n_score
