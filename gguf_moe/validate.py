@@ -877,6 +877,11 @@ def validate_file(path, *, deep: bool = False, source=None, progress: Callable[[
         if hp is not None:
             _check_llama_tensors(h, hp, n_vocab, rep)
             rep.summary.update(n_layer=hp["n_layer"], n_expert=hp["n_expert"], routing=file_routing(h))
+            recorded = h.kv("moe.routing.source")
+            if isinstance(recorded, str) and recorded != rep.summary["routing"]:
+                rep.add("warning", "routing", f"the file computes {rep.summary['routing']}, its source {recorded} "
+                        "(moe.routing.source; written with --allow-routing-mismatch): llama.cpp runs another model",
+                        expected=recorded, found=rep.summary["routing"])
     else:
         rep.add("info", "metadata", f"no tensor-set rules for architecture {arch!r}: only format and numeric checks")
     _check_types(h, hp, rep)

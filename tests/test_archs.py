@@ -136,6 +136,9 @@ def test_unfaithful_qwen3_on_request_is_the_converters_file_plus_the_record(mode
     rec = [kv for kv in k if kv[0].startswith("moe.routing.")]
     assert rec == [("moe.routing.file", "softmax top-2, renormalised"), ("moe.routing.source", "softmax top-2, not renormalised")]
     assert [kv for kv in k if not kv[0].startswith("moe.routing.")] == kvs(reference["qwen3-legacy"])
+    code, rep = _validate(str(ours))
+    warn = [f for f in rep[0]["findings"] if f["check"] == "routing"]
+    assert code == 0 and warn and warn[0]["severity"] == "warning" and "not renormalised" in warn[0]["message"]
 
 
 PRESETS_TESTED = ["Q4_K_M", "Q8_0", "IQ4_XS", "Q2_K", "MXFP4_MOE"]
