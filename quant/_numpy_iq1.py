@@ -42,6 +42,8 @@ _DELTA = F32(0.125)  # IQ1S_DELTA == IQ1M_DELTA
 #: the three levels with delta added (shift +1, "x_p") or subtracted (shift -1, "x_m")
 X_P = np.array([F32(-1) + _DELTA, _DELTA, F32(1) + _DELTA], dtype=F32)
 X_M = np.array([F32(-1) - _DELTA, -_DELTA, F32(1) - _DELTA], dtype=F32)
+#: off-grid groups searched per vectorized step (bounds the [groups, neighbours, 8] temporaries)
+_NB_CHUNK = 2048
 
 
 def _aborts(name: str, what: str):
@@ -73,7 +75,7 @@ def _tables():
     """Grid levels ``[2048, 8]`` (0..2), kmap, and the neighbour lists of every off-grid
     point with levels 0..2 as a padded matrix (-1 = no entry) with a row per such point."""
     t = iq2_tables("IQ1_S")
-    levels = ((t.grid.astype(np.int32) - 1) // 2).astype(np.intp)
+    levels = ((t.grid.astype(np.int32) - 1) // 2).astype(np.int8)
     u = np.arange(t.kmap.size)
     fields = (u[:, None] >> (2 * np.arange(8))) & 3
     off = np.flatnonzero((t.kmap < 0) & (fields <= 2).all(axis=1))
@@ -182,8 +184,9 @@ def _snap_to_grid(name, xs, w, scale, L, xx, ok):
     u = (g << (2 * np.arange(8))).sum(axis=2)
     index = np.where(ok[:, None], kmap[u], 0)
     moved = (index < 0).any(axis=1)
-    sb, k = np.nonzero(index < 0)
-    if sb.size:
+    sbs, ks = np.nonzero(index < 0)
+    for c0 in range(0, sbs.size, _NB_CHUNK):  # bounded temporaries: [chunk, K, 8]
+        sb, k = sbs[c0 : c0 + _NB_CHUNK], ks[c0 : c0 + _NB_CHUNK]
         cand = pad[row[u[sb, k]]]  # [M, K] grid indices, -1 padding
         cl = levels[np.maximum(cand, 0)]  # [M, K, 8]
         q = np.take_along_axis(xx[sb, k][:, None, :], cl.reshape(sb.size, 1, -1), axis=2).reshape(cl.shape)
