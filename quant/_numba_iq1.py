@@ -20,8 +20,14 @@ float32 operations of its C sub-block in C order:
   fields) are sums of 8 table picks in C order, vectorized over the neighbour list; the
   first strict minimum below FLT_MAX wins, as in C.
 
-Levels, grid lookups, refits and packing are scalar per lane; sigma2 and IQ1_M's
-super-block refit are sequential sums over the 256 values, as in C.
+* the scale refits: a sub-block whose groups moved to neighbours, and IQ1_M's super-block
+  scale with the 3-bit scales, have their terms computed for all lanes at once; each sum
+  stays sequential in C order (per lane, or per super-block with the super-blocks of a tile
+  as independent chains).
+
+Levels, grid lookups and packing are scalar per lane; sigma2 is a sequential sum over the
+256 values of each super-block, as in C.  Shifted levels are formed as ``lv - 0.875`` /
+``lv - 1.125``, exactly ggml's ``x_p`` / ``x_m`` table values, without branches.
 """
 
 from __future__ import annotations
