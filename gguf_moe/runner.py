@@ -129,7 +129,9 @@ class ModelSpec:
     @classmethod
     def from_source(cls, model) -> ModelSpec:
         hp, cfg = model.hparams, model.config
-        if model.gguf_arch not in (MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2MOE):
+        # the source's architecture (a DeepSeek merge may be written as llama.cpp's llama)
+        source_arch = model.spec.gguf_arch if model.spec is not None else model.gguf_arch
+        if source_arch not in (MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2MOE):
             raise UnsupportedArchitecture(f"{model.path}: {model.hf_arch} cannot be run for imatrix/eval")
         rope_type = (hp.get("rope_type") or "default").lower() if isinstance(hp.get("rope_type"), str) else "default"
         freq_scale = 1.0
@@ -153,8 +155,10 @@ class ModelSpec:
             eps=float(hp["rms_eps"] if hp["rms_eps"] is not None else 1e-5),
             rope_theta=float(hp["rope_theta"] if hp["rope_theta"] is not None else 10000.0),
             freq_scale=freq_scale,
-            # llama.cpp renormalizes the top-k weights for Mixtral, never for Qwen2-MoE
-            norm_topk=not qwen,
+            # the source's routing: Mixtral renormalizes the top-k weights, Qwen2-MoE as its
+            # norm_topk_prob says (llama.cpp's qwen2moe never does: convert refuses that file
+            # unless --allow-routing-mismatch, and eval then shows the difference)
+            norm_topk=hp.norm_topk_prob if qwen else True,
             shared_expert=qwen,
         )
 
