@@ -96,6 +96,13 @@ def _bpw(w: GGUFWeights) -> float:
     return 8.0 * nb / ne if ne else 0.0
 
 
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    i = 0
+    while i < len(shape) - 1 and shape[i] == 1:
+        i += 1
+    return tuple(shape[i:])
+
+
 def check_matches_source(w: GGUFWeights, src: SourceWeights, model) -> None:
     """Every tensor the forward pass reads exists in the GGUF with the source's shape."""
     f = w.reader.fields.get("general.architecture")
@@ -107,7 +114,7 @@ def check_matches_source(w: GGUFWeights, src: SourceWeights, model) -> None:
             continue  # a GGUF may tie the output to the embedding
         if not w.has(t.name):
             raise LayoutMismatch(f"{w.path}: has no tensor {t.name}, which the source has; not a GGUF of {model.path}")
-        if w.shape(t.name) != tuple(t.shape):
+        if _squeeze(w.shape(t.name)) != _squeeze(tuple(t.shape)):  # ggml drops trailing ne of 1
             raise LayoutMismatch(
                 f"{w.path}: tensor {t.name} has shape {list(w.shape(t.name))}, the source's is {list(t.shape)}; "
                 f"not a GGUF of {model.path}"

@@ -372,6 +372,9 @@ class Runner:
         else:
             kinds += [T.FFN_GATE, T.FFN_UP, T.FFN_DOWN]
         w = {k: self._load(weights, tensor_name(k, L)) for k in kinds}
+        if T.FFN_GATE_INP_SHEXP in w:  # [1, n_embd]; a GGUF stores it with ne [n_embd]
+            t, ty = w[T.FFN_GATE_INP_SHEXP]
+            w[T.FFN_GATE_INP_SHEXP] = (t.reshape(1, -1), ty)
         for k in (T.ATTN_Q, T.ATTN_K, T.ATTN_V):
             b = _bias_name(k, L)
             if weights.has(b):

@@ -1,5 +1,6 @@
 """``gguf-moe eval`` against the real ``llama-perplexity --kl-divergence`` (built from the
-oracle's sdist) on the same files, text, ``-c`` and ``--chunks``.
+oracle's sdist) on the same files, text, ``-c`` and ``--chunks``: Mixtral merges with 4 and 8
+experts (both layouts) and a Qwen2-MoE, each with an expert no token can reach.
 
 llama-perplexity runs with exact attention (``-fa off -ctk f32 -ctv f32``) and without weight
 repacking (``-nr``: on CPUs with AMX its repacked Q8_0 path crashes in this llama.cpp
@@ -9,7 +10,7 @@ points, same ranking.  Measured on these merges (x86-64, 2 threads): at most 0.3
 2.7 % and 0.4 points; without llama.cpp's activation rounding (``--exact-activations``) the
 8-expert merge's Q8_0 mean KLD was 13 % low.
 
-The merges' final norm is scaled by 1/4: synthetic weights give logits spread far wider
+The Mixtral merges' final norm is scaled by 1/4: synthetic weights give logits spread far wider
 than a trained model's, and llama-perplexity stores the base log-probabilities as 16-bit
 values clamped 16 nats below the maximum, which would then dominate the comparison.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from gguf_moe.synth import make_model
-from test_imatrix_cmd import kill_expert, llama_bin, run_cli, text_file
+from test_imatrix_cmd import kill_expert, llama_bin, make_qwen, run_cli, text_file
 
 pytest.importorskip("torch")
 
@@ -33,8 +34,11 @@ CHUNKS = 8
 TYPES = ("Q8_0", "Q4_K_M", "Q2_K")
 
 MODELS = {
-    "fused-4x-spm": (dict(layout="fused", n_expert=4, top_k=2, tokenizer="spm", seed=11), 2),
-    "legacy-8x-bpe": (dict(layout="legacy", n_expert=8, top_k=2, tokenizer="bpe", hidden=256, ff=256, seed=12), 5),
+    # name: (builder, unroutable expert, scale the final norm)
+    "fused-4x-spm": (lambda r: make_model(r / "m", layout="fused", n_expert=4, top_k=2, tokenizer="spm", seed=11), 2, True),
+    "legacy-8x-bpe": (lambda r: make_model(r / "m", layout="legacy", n_expert=8, top_k=2, tokenizer="bpe",
+                                           hidden=256, ff=256, seed=12), 5, True),  # fmt: skip
+    "qwen2moe-4x": (make_qwen, 1, False),  # small weights: logits already narrow
 }
 
 
@@ -51,16 +55,17 @@ def tame_logits(src: Path, factor: float = 0.25) -> None:
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request, tmp_path_factory):
     name = request.param
-    args, dead = MODELS[name]
+    build, dead, tame = MODELS[name]
     root = tmp_path_factory.mktemp(name)
-    src = make_model(root / "m", **args)
+    src = build(root)
     kill_expert(src, dead)
-    tame_logits(src)
+    if tame:
+        tame_logits(src)
     f32 = root / "f32.gguf"
     assert run_cli("convert", src, "-t", "F32", "-o", f32, "-q")[0] == 0
     code, _, err = run_cli("convert", src, *[a for t in TYPES for a in ("-t", t)], "--outdir", root / "q", "-q")
     assert code == 0, err
-    files = [root / "q" / f"m-{t}.gguf" for t in TYPES]
+    files = sorted((root / "q").glob("*.gguf"), key=lambda p: TYPES.index(p.stem.split("-")[-1]))
     return name, src, f32, files, text_file(root)
 
 
