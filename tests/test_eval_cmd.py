@@ -8,7 +8,7 @@ version); its base logits come from the F32 GGUF.  The bounds are the issue's: p
 within 0.5 %, mean KLD within 10 %, 99th-percentile KLD within 20 %, top-1 within 1.5
 points, same ranking.  Measured on these merges (x86-64, 2 threads): at most 0.3 %, 0.8 %,
 2.7 % and 0.4 points; without llama.cpp's activation rounding (``--exact-activations``) the
-8-expert merge's Q8_0 mean KLD was 13 % low.
+8-expert merge's Q8_0 mean KLD is 20 % low.
 
 The Mixtral merges' final norm is scaled by 1/4: synthetic weights give logits spread far wider
 than a trained model's, and llama-perplexity stores the base log-probabilities as 16-bit
@@ -139,6 +139,16 @@ def test_eval_matches_llama_perplexity(case, tmp_path):
         if m:
             break
     assert m and abs(res["source"]["ppl"] / float(m.group(1)) - 1) < 1e-4
+    if name == "legacy-8x-bpe":
+        # llama.cpp's activation rounding is what brings Q8_0 this close: without it the
+        # mean KLD is off by several times as much (measured 20 % vs 0.2 %)
+        code, out, err = run_cli("eval", src, files[0], "-f", text, "--ctx", CTX, "--chunks", CHUNKS, "--device", "cpu",
+                                 "--json", "--exact-activations")  # fmt: skip
+        assert code == 0, err
+        exact = json.loads(out)["files"][0]["kld_mean"]
+        r0 = ref[files[0].name]["kld_mean"]
+        assert abs(exact / r0 - 1) > 3 * abs(res["files"][0]["kld_mean"] / r0 - 1)
+        print(f"{name}: Q8_0 mean KLD without rounding {100 * (exact / r0 - 1):+.1f}% from llama.cpp's")
 
 
 def test_eval_bad_input(case, tmp_path):
