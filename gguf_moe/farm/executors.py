@@ -185,7 +185,9 @@ class RayExecutor:
         self.fn = ray.remote(max_retries=max_retries, retry_exceptions=False)(run_task)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.node_memory = max((n["Resources"].get("memory", 0) for n in nodes), default=0)
+        self.node_cpus = int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
         self.total_cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.total_gpus = int(ray.cluster_resources().get("GPU", 0))
         self.workers = workers or self.total_cpus
         self.running: list[Handle] = []
 
@@ -196,7 +198,10 @@ class RayExecutor:
         return len(self.running) < self.workers
 
     def submit(self, spec: dict) -> Handle:
-        threads = max(1, self.total_cpus // self.workers)
+        # a task's threads fit on one node, whatever the cluster's total
+        threads = max(1, min(self.node_cpus, self.total_cpus // self.workers))
+        if spec.get("gpus") and not self.total_gpus:
+            raise GgufMoeError(f"{spec['id']}: the plan asks for device cuda, but the Ray cluster has no GPU")
         spec = {**spec, "threads": threads, "cpus": threads}
         mem = spec["memory"]
         if self.node_memory:
