@@ -343,3 +343,32 @@ def test_ctrl_c_stops_cleanly(case, tmp_path):
             if int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
                 kids.append(p.name)
     assert not kids
+
+
+def test_hub_repo_id_source(tmp_path, monkeypatch):
+    """A plan source given as org/name, read from a Hugging Face cache offline: the file
+    equals `convert org/name` by hand, and the card names the repo."""
+    from test_hub import COMMIT_MAIN, add_revision
+
+    src = make_model(tmp_path / "src" / "Hub-Farm-MoE", layout="fused", n_expert=4, top_k=2, hidden=64, ff=128, seed=5)
+    cache = tmp_path / "hf" / "hub"
+    add_revision(cache, "merge-lab/Hub-Farm-MoE", src, COMMIT_MAIN, refs=("main",))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "rel"
+    d = out / "Hub-Farm-MoE"
+    d.mkdir(parents=True)
+    f = d / "Hub-Farm-MoE-Q8_0.gguf"
+    code, _, err = cli("convert", "merge-lab/Hub-Farm-MoE", "-t", "Q8_0", "-o", f, "-q")
+    assert code == 0, err
+    hand = sha(f)
+    f.unlink()
+    import yaml
+
+    plan = tmp_path / "hub.yaml"
+    plan.write_text(yaml.safe_dump({"outdir": str(out), "models": [{"source": "merge-lab/Hub-Farm-MoE", "presets": ["Q8_0"]}]}))
+    code, res, err = cli("farm", "run", plan, "--workers", 1, "--json")
+    assert code == 0, err
+    assert sha(f) == hand
+    front = yaml.safe_load((d / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == "merge-lab/Hub-Farm-MoE"

@@ -70,7 +70,7 @@ def task_key(spec: dict, dep_keys: list[str]) -> str:
     version, the source files and the keys of the tasks it reads from."""
     blob = json.dumps(
         {"kind": spec["kind"], "params": spec["params"], "version": __version__, "outputs": spec["outputs"],
-         "source": _source_identity(spec["source"]), "deps": dep_keys},  # fmt: skip
+         "source": _source_identity(spec["source"]), "commit": spec.get("source_commit"), "deps": dep_keys},  # fmt: skip
         sort_keys=True,
         default=str,
     )
@@ -131,7 +131,9 @@ def expand(plan) -> list[dict]:
 
     tasks: list[dict] = []
     for job in plan.models:
-        with open_source(job.source) as (model_dir, _hub):
+        with open_source(job.source) as (model_dir, hub):
+            commit = hub.commit if hub is not None else None  # a moving branch: its commit now
+            hub_id = hub.repo_id if hub is not None else None
             model = open_model(model_dir)
             try:
                 layer, head = _layer_bytes(model)
@@ -149,8 +151,10 @@ def expand(plan) -> list[dict]:
                 ev_chunks = (_chunks_of(model, job.eval, n_embd, 1 + len(job.presets)) if job.eval is not None else None)
             finally:
                 model.close()
-        base = {"model": job.name, "source": job.source, "dir": str(job.dir), "state": str(plan.state),
-                "split_max_size": job.split_max_size}  # fmt: skip
+        # a Hub source is pinned to the commit it resolved to now, for every task of the run
+        source = f"{hub_id}@{commit}" if commit else job.source
+        base = {"model": job.name, "source": source, "source_commit": commit, "dir": str(job.dir),
+                "state": str(plan.state), "split_max_size": job.split_max_size}  # fmt: skip
 
         def add(kind: str, tid: str, params: dict, outputs: list[str], deps: list[str], memory: int, **extra) -> dict:
             t = {**base, "id": f"{job.name}/{tid}", "kind": kind, "params": params, "outputs": outputs,
