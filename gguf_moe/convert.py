@@ -416,6 +416,8 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
         check_imatrix(o, imatrix)
     if len({o.path.resolve() for o in outputs}) != len(outputs):
         raise GgufMoeError("two outputs would have the same file name; give each -t once")
+    if opts.split_shard is not None and (opts.split is None or len(outputs) != 1):
+        raise GgufMoeError("internal error: split_shard needs split and one output")
     tok = tokenizer_kvs(model, pre_tokenizer)
     writers = [
         open_output(
@@ -426,6 +428,7 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
             ),  # fmt: skip
             force=force,
             split=opts.split,
+            shard=opts.split_shard,
         )
         for o in outputs
     ]
@@ -439,6 +442,9 @@ def convert(model: SourceModel, outputs: Sequence[OutputPlan], options: Options 
         total = sum(st.n_elements * st.src_itemsize for st in model.tensors)
         progress.start(total, len(model.tensors))
         for i, st in enumerate(model.tensors):
+            if opts.split_shard is not None and not writers[0].wants(st.name):
+                progress.advance(st.n_elements * st.src_itemsize)  # another shard's tensor: not read
+                continue
             progress.tensor(st.name, i)
             types = [o.tensors[i].ggml_type for o in outputs]
             for w in writers:

@@ -59,6 +59,8 @@ class Options:
     kv_overrides: tuple[KVOverride, ...] = ()
     #: write each output as a llama-gguf-split set (``split.SplitSpec``), or one file (None)
     split: Any = None
+    #: with ``split``: write only this shard (0-based) of each set, reading only its tensors
+    split_shard: int | None = None
     #: stop before any work when the outputs do not fit on their disks (``space.check_space``)
     space_check: bool = True
 

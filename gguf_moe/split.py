@@ -135,9 +135,11 @@ def _trimmed(shape) -> tuple[int, ...]:
 
 
 class SplitGGUF:
-    """A split set written in one pass; ``path`` is the unsplit name the set stands for."""
+    """A split set written in one pass; ``path`` is the unsplit name the set stands for.
+    ``only``: write just that shard (0-based), the same bytes as in the whole set (the
+    caller passes only its tensors, ``wants``), so separate processes can write the shards."""
 
-    def __init__(self, path: Path, w: gguf.GGUFWriter, spec: SplitSpec, *, force: bool = False):
+    def __init__(self, path: Path, w: gguf.GGUFWriter, spec: SplitSpec, *, force: bool = False, only: int | None = None):
         if w.data_alignment != SPLIT_ALIGNMENT:
             raise GgufMoeError(
                 f"{path}: cannot split a file with general.alignment {w.data_alignment} "
@@ -169,17 +171,31 @@ class SplitGGUF:
             self.shards.append(StreamingGGUF(self.paths[k], sw, force=force))
         self._cur = -1
         self._moved: list[Path] = []
+        if only is not None and not 0 <= only < n:
+            raise GgufMoeError(f"{path}: the set has {n} shards; there is no shard {only + 1}")
+        self.only = only
+
+    def _mine(self) -> list:
+        return self.shards if self.only is None else [self.shards[self.only]]
+
+    def wants(self, name: str) -> bool:
+        """Whether tensor ``name`` is written by this writer (with ``only``: in that shard)."""
+        return self.only is None or self._shard_of.get(name) == self.only
 
     def planned(self) -> list[tuple[Path, int]]:
         """(path, exact size) of every file this writes."""
-        return [(s.path, file_size(s.w)) for s in self.shards]
+        return [(s.path, file_size(s.w)) for s in self._mine()]
 
     def check_free(self) -> None:
-        for p in self.paths:
-            check_output_free(p, self.force)
+        for s in self._mine():
+            check_output_free(s.path, self.force)
 
     def open(self) -> None:
         self.check_free()
+        if self.only is not None:
+            self._cur = self.only
+            self.shards[self._cur].open()
+            return
         self._next()
 
     def _next(self) -> None:
@@ -203,7 +219,13 @@ class SplitGGUF:
         return self.shards[self._cur].reread(offset, nbytes)
 
     def close(self) -> Path:
-        """Finish the last shard, then move every shard into place; returns the first."""
+        """Finish the last shard, then move every shard into place; returns the first
+        (with ``only``: that shard, finished and moved into place)."""
+        if self.only is not None:
+            s = self.shards[self.only]
+            s.finish()
+            self._moved.append(s.move_into_place())
+            return s.path
         while self._cur < len(self.shards) - 1:
             self._next()  # (only if the last shards had no tensors, which the plan forbids)
         self.shards[self._cur].finish()
@@ -221,12 +243,14 @@ class SplitGGUF:
                 pass
 
 
-def open_output(path: Path, w: gguf.GGUFWriter, *, force: bool = False, split: SplitSpec | None = None):
-    """The writer for one output: a single file, or a split set when ``split`` is given.
-    Both have ``planned()`` (paths and exact sizes, for the disk-space preflight)."""
+def open_output(path: Path, w: gguf.GGUFWriter, *, force: bool = False, split: SplitSpec | None = None,
+                shard: int | None = None):  # fmt: skip
+    """The writer for one output: a single file, or a split set when ``split`` is given
+    (``shard``: only that shard of it).  Both have ``planned()`` (paths and exact sizes, for
+    the disk-space preflight)."""
     if split is None:
         return StreamingGGUF(path, w, force=force)
-    return SplitGGUF(path, w, split, force=force)
+    return SplitGGUF(path, w, split, force=force, only=shard)
 
 
 # --------------------------------------------------------------------------- reading

@@ -286,8 +286,8 @@ def test_dry_run_lists_tasks(case, tmp_path):
 
 
 def test_split_set_equals_convert_split(case, tmp_path):
-    """With split_max_size every shard equals `convert --split-max-size`'s, and the card and
-    manifest list the parts."""
+    """With split_max_size each shard is its own task (reading only its tensors) and equals
+    `convert --split-max-size`'s shard; the card and manifest list the parts."""
     root, src, text, rel, ref = case
     out = tmp_path / "rel"
     d = out / NAME
@@ -302,9 +302,12 @@ def test_split_set_equals_convert_split(case, tmp_path):
     plan = tmp_path / "split.yaml"
     plan.write_text(yaml.safe_dump({"outdir": str(out), "models": [{"source": str(src), "presets": ["BF16"],
                                                                     "split_max_size": "1M"}]}))  # fmt: skip
-    code, res, err = cli("farm", "run", plan, "--workers", 1, "--json")
+    code, res, err = cli("farm", "run", plan, "--workers", 2, "--json")
     assert code == 0, err
     assert {n: sha(d / n) for n in hand} == hand
+    # one task per shard, each writing just its file
+    shard_tasks = [t for t in json.loads(res)["tasks"] if t["kind"] == "convert"]
+    assert sorted(Path(t["outputs"][0]).name for t in shard_tasks) == sorted(hand)
     man = json.loads((d / "manifest.json").read_text())
     assert sorted(e["file"] for e in man["files"] if e["kind"] == "gguf") == sorted(hand)
     assert f"| {len(hand)} |" in (d / "README.md").read_text()  # the Parts column

@@ -127,7 +127,7 @@ def expand(plan) -> list[dict]:
     from gguf_moe.options import Options
     from gguf_moe.runner import ModelSpec
     from gguf_moe.source import open_model
-    from gguf_moe.split import SplitSpec
+    from gguf_moe.split import SplitSpec, assign_shards, shard_path
 
     tasks: list[dict] = []
     for job in plan.models:
@@ -143,10 +143,13 @@ def expand(plan) -> list[dict]:
                     ModelSpec.from_source(model)  # the architecture can be run
                 split = SplitSpec(max_bytes=job.split_max_size, max_tensors=None) if job.split_max_size else None
                 sizes = {}
+                n_shards: dict[str, int] = {}
                 for p in job.presets:
                     im = Imatrix(Path("planned"), {}) if job.imatrix is not None and not _static(p) else None
                     o = plan_outputs(model, [p], [None], Options(imatrix=im, split=split))[0]
                     sizes[p.name] = (sum(-(-t.nbytes // 32) * 32 for t in o.tensors) + 16 * _MB, o.bits_per_weight)
+                    if split is not None:  # the shards the set will have (llama-gguf-split's assignment)
+                        n_shards[p.name] = len(assign_shards([t.nbytes for t in o.tensors], split, [t.name for t in o.tensors]))
                 im_chunks = _chunks_of(model, job.imatrix, n_embd, 1) if job.imatrix is not None else None
                 ev_chunks = (_chunks_of(model, job.eval, n_embd, 1 + len(job.presets)) if job.eval is not None else None)
             finally:
@@ -182,14 +185,23 @@ def expand(plan) -> list[dict]:
                 256 * _MB + 2 * layer)  # fmt: skip
             im_deps = ["imatrix"]
         files = []
+        conv_ids = []
         for p in job.presets:
             uses = im_path is not None and not _static(p)
             out = output_paths(job, p)
             files.append(out)
-            add("convert", f"convert/{p.name}", {"preset": p.name, "imatrix": im_path if uses else None,
-                "split_max_size": job.split_max_size}, [out], im_deps if uses else [], 512 * _MB,
+            params = {"preset": p.name, "imatrix": im_path if uses else None, "split_max_size": job.split_max_size}
+            n = n_shards.get(p.name, 1)
+            if n > 1:  # a split set: one task per shard, each reading only its tensors
+                for k in range(n):
+                    tid = f"convert/{p.name}/{k + 1:05d}"
+                    add("convert", tid, {**params, "shard": k, "set": out}, [str(shard_path(Path(out), k, n))], im_deps if uses else [],
+                        512 * _MB, size=sizes[p.name][0] // n, bpw=sizes[p.name][1])  # fmt: skip
+                    conv_ids.append(tid)
+                continue
+            add("convert", f"convert/{p.name}", params, [out], im_deps if uses else [], 512 * _MB,
                 size=sizes[p.name][0], bpw=sizes[p.name][1])  # fmt: skip
-        conv_ids = [f"convert/{p.name}" for p in job.presets]
+            conv_ids.append(f"convert/{p.name}")
         eval_json = None
         if job.eval is not None:
             s = job.eval
@@ -384,20 +396,22 @@ def _convert(spec: dict, threads) -> list[str]:
     from gguf_moe.split import SplitSpec
 
     p = spec["params"]
-    out = Path(spec["outputs"][0])
+    out = Path(p["set"]) if p.get("shard") is not None else Path(spec["outputs"][0])  # (a shard: its set's name)
     out.parent.mkdir(parents=True, exist_ok=True)
     split = SplitSpec(max_bytes=p["split_max_size"], max_tensors=None) if p["split_max_size"] else None
     opts = Options(imatrix=load_imatrix(p["imatrix"]) if p["imatrix"] else None, split=split, space_check=False,
-                   force=True, threads=threads)  # fmt: skip
+                   force=True, threads=threads, split_shard=p.get("shard"))  # fmt: skip
     with open_source(spec["source"]) as (model_dir, _):
         model = open_model(model_dir)
         try:
             plans = conv.plan_outputs(model, [get_preset(p["preset"])], [out], opts)
             for o in plans:
                 conv.check_imatrix(o, opts.imatrix)
-            conv.convert(model, plans, opts)
+            written = conv.convert(model, plans, opts)
         finally:
             model.close()
+    if p.get("shard") is not None:
+        return [str(w) for w in written]
     return _split_files(str(out), p["split_max_size"])
 
 
