@@ -544,6 +544,9 @@ def _build(
     else:
         hf = rule.hf.format(**fmt)
         t = raw.get(hf)
+        if t is None and rule.fallback is not None:
+            hf = rule.fallback.format(**fmt)
+            t = raw.get(hf)
         if t is None:
             if rule.optional:
                 return None

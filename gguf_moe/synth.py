@@ -763,6 +763,7 @@ def make_moe(
     seed: int = 0,
     shards: int = 2,
     router_gain: float = 24.0,
+    tie_embeddings: bool = False,
 ) -> Path:
     """A merge written the way mergekit-moe writes ``qwen2moe``, ``qwen3moe`` and
     ``deepseek`` outputs: every expert is the base model's MLP plus a small fine-tune delta
@@ -771,7 +772,8 @@ def make_moe(
     (``_router_rows``), the shared expert (Qwen2-MoE: gated; DeepSeek with ``n_shared``:
     ``n_shared`` experts wide) from the base MLP.  ``layout``: ``fused`` packs the routed
     experts as Transformers 5 does (``mlp.experts.gate_up_proj``/``down_proj``; not for
-    DeepSeek, whose remote code has none).  bf16, tokenizer files as ``make_model``."""
+    DeepSeek, whose remote code has none).  ``tie_embeddings``: no ``lm_head`` (as merges of
+    small Qwen2.5 bases).  bf16, tokenizer files as ``make_model``."""
     if arch not in ("qwen2moe", "qwen3moe", "deepseek"):
         raise ValueError(f"arch must be qwen2moe, qwen3moe or deepseek, not {arch!r}")
     if layout == "fused" and arch == "deepseek":
@@ -826,7 +828,8 @@ def make_moe(
             for proj, w in zip(("gate_proj", "up_proj", "down_proj"), wide):
                 t.append((p + f"mlp.shared_experts.{proj}.weight", w.astype(np.float32)))
     t.append(("model.norm.weight", _norm(rng, hidden)))
-    t.append(("lm_head.weight", _matrix(rng, n_tok, hidden, 4.0)))
+    if not tie_embeddings:
+        t.append(("lm_head.weight", _matrix(rng, n_tok, hidden, 4.0)))
     _write_shards(out, t, "bfloat16", shards)
 
     cfg = {
@@ -834,7 +837,7 @@ def make_moe(
         "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": ff,
         "max_position_embeddings": 8192, "num_attention_heads": n_head, "num_hidden_layers": n_layer,
         "num_key_value_heads": n_kv_head, "num_experts_per_tok": top_k, "norm_topk_prob": norm_topk_prob,
-        "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "use_cache": True, "vocab_size": n_tok,
+        "rms_norm_eps": 1e-06, "tie_word_embeddings": tie_embeddings, "use_cache": True, "vocab_size": n_tok,
     }  # fmt: skip
     if arch == "deepseek":
         cfg |= {

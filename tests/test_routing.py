@@ -49,6 +49,8 @@ CASES = {
     "qwen2moe-top2-raw": (dict(arch="qwen2moe", top_k=2, norm_topk_prob=False, layout="fused"), True),
     "qwen2moe-top1-norm": (dict(arch="qwen2moe", top_k=1, norm_topk_prob=True), False),
     "qwen2moe-top1-raw": (dict(arch="qwen2moe", top_k=1, norm_topk_prob=False), True),
+    # tied embeddings: llama.cpp's qwen2moe needs output.weight, written from the embeddings
+    "qwen2moe-top2-raw-tied": (dict(arch="qwen2moe", top_k=2, norm_topk_prob=False, tie_embeddings=True), True),
     "qwen3moe-top2-norm": (dict(arch="qwen3moe", top_k=2, norm_topk_prob=True, layout="fused"), True),
     "qwen3moe-top2-raw": (dict(arch="qwen3moe", top_k=2, norm_topk_prob=False), False),
     "qwen3moe-top1-norm": (dict(arch="qwen3moe", top_k=1, norm_topk_prob=True), True),

@@ -45,7 +45,8 @@ class TensorRule:
     ``map_as``: the name given to ``TensorNameMap`` (defaults to ``hf`` without
     ``.weight``); stacked experts are mapped under their merged name.  ``permute``:
     ``"q"`` / ``"k"`` for llama.cpp's rotary row permutation with ``n_head`` / ``n_head_kv``
-    heads.  ``optional``: absence is not an error (``lm_head`` with tied embeddings).
+    heads.  ``optional``: absence is not an error (``lm_head`` with tied embeddings);
+    ``fallback``: the tensor read in its absence.
     ``shape``: expected numpy shape as :class:`HParams` fields (``"n_expert"``, ``"n_ff"``,
     ...), checked against the files.
     """
@@ -57,6 +58,9 @@ class TensorRule:
     part: tuple[int, int] | None = None
     permute: str | None = None
     optional: bool = False
+    #: when ``hf`` is absent, read this tensor instead (tied output matrix of an
+    #: architecture whose llama.cpp graph requires ``output.weight``)
+    fallback: str | None = None
 
 
 @dataclass(frozen=True)

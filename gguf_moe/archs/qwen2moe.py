@@ -4,6 +4,10 @@ Q/K/V biases, routed experts in either layout, and a sigmoid-gated shared expert
 (``mlp.shared_expert.*`` -> ``ffn_*_shexp``, ``mlp.shared_expert_gate`` ->
 ``ffn_gate_inp_shexp``).
 
+With tied embeddings (Qwen2.5 bases up to 3B) there is no ``lm_head``; llama.cpp's
+``qwen2moe`` requires ``output.weight``, so the embedding matrix is written as it too
+(llama.cpp's converter writes a file that does not load).
+
 Routing: llama.cpp's ``qwen2moe`` graph uses the softmax top-k weights as they are.  That
 is the source model when ``norm_topk_prob`` is false; with ``norm_topk_prob: true`` (what
 mergekit writes) no llama.cpp architecture we know of computes this model (the others with
@@ -64,9 +68,13 @@ def write_kvs(w: gguf.GGUFWriter, model) -> None:
         w.add_expert_shared_feed_forward_length(int(cfg["shared_expert_intermediate_size"]))
 
 
+_GLOBALS = LLAMA_GLOBALS[:2] + (
+    TensorRule("lm_head.weight", ("n_vocab", "n_embd"), fallback="model.embed_tokens.weight"),
+)
+
 SPECS = (
     ArchSpec(
-        "Qwen2MoeForCausalLM", MODEL_ARCH.QWEN2MOE, LLAMA_GLOBALS, (FUSED, LEGACY),
+        "Qwen2MoeForCausalLM", MODEL_ARCH.QWEN2MOE, _GLOBALS, (FUSED, LEGACY),
         expert_count_keys=("num_experts",), expert_ff_key="moe_intermediate_size",
         shared_ff_key="shared_expert_intermediate_size", read_hparams=_read, routing=_routing, write_kvs=write_kvs,
     ),
