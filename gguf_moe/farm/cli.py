@@ -74,6 +74,10 @@ class _Display:
             extra = f"  {i.get('seconds', 0):.1f} s on {i.get('worker')}" + (f" (attempt {i['attempt']})" if i.get("attempt", 1) > 1 else "")
         elif s in ("failed", "blocked"):
             extra = f"  {i.get('error')}"
+        elif s == "running":
+            if i.get("worker") == "local":
+                return  # the line comes when a worker picks it up
+            extra = f"  on {i.get('worker')}"
         finished = sum(1 for v in st.state.values() if v in ("done", "skipped", "failed", "blocked"))
         click.echo(f"[{finished}/{len(st.tasks)}] {s:<8} {tid}{extra}", err=True)
 

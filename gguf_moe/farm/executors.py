@@ -44,8 +44,12 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _die_with_parent() -> None:
-    """Worker initializer: the kernel kills this worker when the driver dies (Linux)."""
+def _init_worker(started=None) -> None:
+    """Worker initializer: tasks report where they start on ``started``; the kernel kills
+    this worker when the driver dies (Linux)."""
+    from gguf_moe.farm import tasks
+
+    tasks.STARTED = started
     try:
         import ctypes
         import signal
@@ -69,15 +73,27 @@ class LocalExecutor:
             self.memory = 1 << 62
         self.running: list[Handle] = []
         self.pool = None
+        self.started = None
         self._new_pool()
 
     def _new_pool(self):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.pool = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
-        )
+        ctx = multiprocessing.get_context("spawn")
+        self.started = ctx.Queue()  # (task id, worker) as each task starts
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.started,))
+
+    def starts(self) -> list[tuple[str, str]]:
+        """(task id, worker) of the tasks that started since the last call."""
+        import queue
+
+        out = []
+        while True:
+            try:
+                out.append(self.started.get_nowait())
+            except (queue.Empty, OSError, EOFError, ValueError):
+                return out
 
     def describe(self) -> str:
         return f"local, {self.workers} worker{'s' if self.workers > 1 else ''} x {self.threads} thread{'s' if self.threads > 1 else ''}"
@@ -131,6 +147,7 @@ class LocalExecutor:
                 out.append((h, False, _reason(e)))
             self.running.remove(h)
         if broken:
+            self.starts()  # what the old pool's workers reported
             # a worker died: every task in flight failed with the pool; start a new pool and
             # submit them again (the dead one's task is the one that caused it, but the pool
             # cannot say which)

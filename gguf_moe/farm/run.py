@@ -116,7 +116,12 @@ def run_plan(
                 note(tid)
             if not executor.running:
                 break
-            for h, ok, value in executor.wait(0.25):
+            finished = executor.wait(0.25)
+            for tid, where in getattr(executor, "starts", list)():
+                if st.state.get(tid) == "running":
+                    st.info[tid]["worker"] = where
+                    note(tid)
+            for h, ok, value in finished:
                 tid = h.spec["id"]
                 if ok:
                     done.add(tid)

@@ -39,6 +39,9 @@ FAULT_ENV = "GGUF_MOE_FARM_FAULT"
 
 _MB = 1 << 20
 
+#: set in a local executor's worker: a queue for ``(task id, worker)`` when a task starts
+STARTED = None
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -287,6 +290,8 @@ def run_task(spec: dict) -> dict:
     """Run one task (in a worker process); returns ``{"outputs": [...], "result": {...},
     "worker": ..., "seconds": ...}``.  Library errors propagate as GgufMoeError."""
     t0 = time.perf_counter()
+    if STARTED is not None:
+        STARTED.put((spec["id"], _worker_name()))
     _fault(spec)
     threads = spec.get("threads")
     kind, p = spec["kind"], spec["params"]
