@@ -274,3 +274,14 @@ def test_imatrix_presets_equal_llama_quantize(models, tmp_path, name, preset):
     llama_model_quantize(bf16, theirs, PRESETS[preset].file_type, imatrix=weights)
     assert [kv for kv in kvs(ours) if not kv[0].startswith("quantize.imatrix.")] == kvs(theirs)
     assert tensors(ours) == tensors(theirs)
+
+
+def test_all_experts_used_keeps_llama_cpps_architecture(tmp_path):
+    """With every expert used the top-k weights sum to 1, renormalised or not: a DeepSeek
+    merge with shared expert stays ``deepseek`` and its routing is the source's."""
+    src = make_moe(tmp_path / "tiny-moe", arch="deepseek", n_expert=4, top_k=4, norm_topk_prob=True, n_shared=1, seed=15)
+    out = convert(src, tmp_path / "f.gguf", "-t", "Q8_0")
+    code, rep = _validate("--source", str(src), str(out))
+    assert code == 0, [f for f in rep[0]["findings"] if f["severity"] == "error"]
+    assert rep[0]["summary"]["arch"] == "deepseek"
+    assert rep[0]["summary"]["routing"] == "softmax over all 4 experts, ungated shared expert"

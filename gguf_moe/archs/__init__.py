@@ -17,7 +17,8 @@ from gguf import MODEL_TENSOR
 
 from gguf_moe.archs import deepseek, llama, qwen2moe, qwen3moe
 from gguf_moe.archs.base import (
-    ROUTING_FLAG, ArchSpec, BlockLayout, FileSpec, HParams, Routing, TensorRule, gguf_name, routing_words, tensor_name_map,
+    ROUTING_FLAG, ArchSpec, BlockLayout, FileSpec, HParams, Routing, TensorRule, gguf_name, routing_words,
+    tensor_name_map,
 )  # fmt: skip
 
 __all__ = [

@@ -157,9 +157,13 @@ class Routing:
         return MODEL_ARCH_NAMES[self.gguf_arch]
 
 
-def routing_words(top_k: int, renormalised: bool, shared: str = "") -> str:
-    """``softmax top-2, renormalised`` and the like: the words inspect/validate print."""
-    s = f"softmax top-{top_k}, {'renormalised' if renormalised else 'not renormalised'}"
+def routing_words(top_k: int, renormalised: bool, shared: str = "", *, n_expert: int = 0) -> str:
+    """``softmax top-2, renormalised`` and the like: the words inspect/validate print.  With
+    every expert used the weights sum to 1 either way: ``softmax over all 4 experts``."""
+    if n_expert and top_k >= n_expert:
+        s = f"softmax over all {n_expert} experts"
+    else:
+        s = f"softmax top-{top_k}, {'renormalised' if renormalised else 'not renormalised'}"
     return s + (f", {shared}" if shared else "")
 
 
@@ -201,7 +205,7 @@ class ArchSpec:
     def route(self, hp: HParams) -> Routing:
         if self.routing is not None:
             return self.routing(hp)
-        words = routing_words(hp.n_expert_used, True) if hp.n_expert else "dense"
+        words = routing_words(hp.n_expert_used, True, n_expert=hp.n_expert) if hp.n_expert else "dense"
         return Routing(self.gguf_arch, words, words)
 
 
@@ -226,7 +230,8 @@ def expert_rules(hf_fmt: str, map_fmt: str, projs: tuple[str, str, str] = ("gate
     """Rules for per-expert 2-D tensors (``hf_fmt`` with ``{L}``, ``{E}``, ``{p}``): gate,
     up, down in that order."""
     g, u, d = projs
-    shapes = {g: ("n_expert", "n_ff_exp", "n_embd"), u: ("n_expert", "n_ff_exp", "n_embd"), d: ("n_expert", "n_embd", "n_ff_exp")}
+    row = ("n_expert", "n_ff_exp", "n_embd")
+    shapes = {g: row, u: row, d: ("n_expert", "n_embd", "n_ff_exp")}
     return tuple(
         TensorRule(hf_fmt.format(L="{L}", E="{E}", p=p), shapes[p], kind="experts", map_as=map_fmt.format(L="{L}", p=p))
         for p in (g, u, d)
@@ -251,7 +256,8 @@ def attention_rules(*, permute: bool, bias: bool = False, qk_norm: bool = False)
     p = "model.layers.{L}."
     out = [TensorRule(p + "input_layernorm.weight", ("n_embd",))]
     for n, rows in (("q", "n_q"), ("k", "n_kv"), ("v", "n_kv")):
-        out.append(TensorRule(p + f"self_attn.{n}_proj.weight", (rows, "n_embd"), permute=n if permute and n != "v" else None))
+        perm = n if permute and n != "v" else None
+        out.append(TensorRule(p + f"self_attn.{n}_proj.weight", (rows, "n_embd"), permute=perm))
         if bias:
             out.append(TensorRule(p + f"self_attn.{n}_proj.bias", (rows,), optional=True))
     out.append(TensorRule(p + "self_attn.o_proj.weight", ("n_embd", "n_q")))
@@ -304,4 +310,4 @@ class FileSpec:
         shared = ""
         if self.shexp and (self.shexp_ff is None or self.shexp_ff(kv)):
             shared = "sigmoid-gated shared expert" if self.shexp == "gated" else "ungated shared expert"
-        return routing_words(int(used), norm, shared)
+        return routing_words(int(used), norm, shared, n_expert=n_expert)

@@ -85,16 +85,17 @@ def _read(config, need, base) -> dict:
 
 def _routing(hp) -> Routing:
     shared = "ungated shared expert" if hp.n_shared_experts else ""
-    src = routing_words(hp.n_expert_used, hp.norm_topk_prob, shared)
+    src = routing_words(hp.n_expert_used, hp.norm_topk_prob, shared, n_expert=hp.n_expert)
     same = hp.n_expert_used == hp.n_expert  # all experts: the weights already sum to 1
     if hp.n_shared_experts:
         if hp.norm_topk_prob and not same:
             return Routing(MODEL_ARCH.GRANITE_MOE, src, src, feed_forward="n_ff_exp")
-        return Routing(MODEL_ARCH.DEEPSEEK, routing_words(hp.n_expert_used, False, shared), src)
+        return Routing(MODEL_ARCH.DEEPSEEK, routing_words(hp.n_expert_used, False, shared, n_expert=hp.n_expert), src)
+    renormalised = routing_words(hp.n_expert_used, True, n_expert=hp.n_expert)
     if hp.norm_topk_prob or same:
-        return Routing(MODEL_ARCH.LLAMA, routing_words(hp.n_expert_used, True), src, feed_forward="n_ff_exp")
+        return Routing(MODEL_ARCH.LLAMA, renormalised, src, feed_forward="n_ff_exp")
     return Routing(
-        MODEL_ARCH.LLAMA, routing_words(hp.n_expert_used, True), src, faithful=False, feed_forward="n_ff_exp",
+        MODEL_ARCH.LLAMA, renormalised, src, faithful=False, feed_forward="n_ff_exp",
         why=f"config.json has norm_topk_prob: false and no shared expert (top-{hp.n_expert_used} router weights used "
         "as they are): llama.cpp's deepseek architecture needs a shared expert and llama renormalises the weights; "
         f"{ROUTING_FLAG} writes a llama file with renormalised routing anyway",

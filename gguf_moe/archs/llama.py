@@ -24,7 +24,9 @@ import gguf
 import numpy as np
 from gguf import MODEL_ARCH
 
-from gguf_moe.archs.base import LLAMA_GLOBALS, ArchSpec, BlockLayout, FileSpec, TensorRule, attention_rules, expert_rules, fused_expert_rules
+from gguf_moe.archs.base import (
+    LLAMA_GLOBALS, ArchSpec, BlockLayout, FileSpec, TensorRule, attention_rules, expert_rules, fused_expert_rules,
+)  # fmt: skip
 
 ATTN = attention_rules(permute=True)
 

@@ -47,8 +47,8 @@ def _read(config, need, base) -> dict:
 
 def _routing(hp) -> Routing:
     shared = "sigmoid-gated shared expert"
-    src = routing_words(hp.n_expert_used, hp.norm_topk_prob, shared)
-    file = routing_words(hp.n_expert_used, False, shared)
+    src = routing_words(hp.n_expert_used, hp.norm_topk_prob, shared, n_expert=hp.n_expert)
+    file = routing_words(hp.n_expert_used, False, shared, n_expert=hp.n_expert)
     if not hp.norm_topk_prob or hp.n_expert_used == hp.n_expert:
         return Routing(MODEL_ARCH.QWEN2MOE, file, src)
     return Routing(

@@ -38,8 +38,8 @@ def _read(config, need, base) -> dict:
 
 
 def _routing(hp) -> Routing:
-    src = routing_words(hp.n_expert_used, hp.norm_topk_prob)
-    file = routing_words(hp.n_expert_used, True)
+    src = routing_words(hp.n_expert_used, hp.norm_topk_prob, n_expert=hp.n_expert)
+    file = routing_words(hp.n_expert_used, True, n_expert=hp.n_expert)
     if hp.norm_topk_prob or hp.n_expert_used == hp.n_expert:
         return Routing(MODEL_ARCH.QWEN3MOE, file, src)
     return Routing(
