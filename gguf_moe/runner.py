@@ -247,10 +247,32 @@ class GGUFWeights:
         data = np.asarray(t.data)
         if ty.name in quant.QTYPES:
             raw = data.view(np.uint8).reshape(-1)
-            return quant.dequantize(raw, ty.name, shape[-1]).reshape(shape)
-        from gguf.quants import dequantize as gq_dequantize
+            out = np.array(quant.dequantize(raw, ty.name, shape[-1]).reshape(shape), dtype=np.float32)
+        else:
+            from gguf.quants import dequantize as gq_dequantize
 
-        return np.ascontiguousarray(gq_dequantize(data, ty), dtype=np.float32).reshape(shape)
+            out = np.array(gq_dequantize(data, ty), dtype=np.float32).reshape(shape)
+        self._release(t)
+        return out
+
+    def _release(self, t) -> None:
+        """Drop a tensor's mapped file pages from the resident set once it is dequantized
+        (they stay in the page cache; the map is read-only, so a later access reads them again)."""
+        import mmap
+
+        mm = getattr(t.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        base = next((r.data.ctypes.data for r in self.readers if getattr(r.data, "_mmap", None) is mm), None)
+        if base is None:
+            return
+        start = t.data.ctypes.data - base
+        end = start + t.data.nbytes
+        start -= start % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         import quant
@@ -262,7 +284,8 @@ class GGUFWeights:
         if ty.name in quant.QTYPES:
             rb = quant.row_bytes(ty.name, shape[-1])
             raw = np.asarray(t.data).view(np.uint8).reshape(-1, rb)
-            out = quant.dequantize(np.ascontiguousarray(raw[uniq]), ty.name, shape[-1])
+            out = np.array(quant.dequantize(np.ascontiguousarray(raw[uniq]), ty.name, shape[-1]), dtype=np.float32)
+            self._release(t)
         else:
             out = self.get(name)[uniq]
         return out[inv]
