@@ -91,9 +91,11 @@ def compute_imatrix(
     process_output: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     only_groups: list[int] | None = None,
+    tokens: list[int] | None = None,
 ) -> ImatrixResult:
     """Run the source model over the text; ``on_progress(done, total)`` per layer pass.
-    ``only_groups``: run just these chunk groups and return their sums in ``parts``."""
+    ``only_groups``: run just these chunk groups and return their sums in ``parts``.
+    ``tokens``: the text's token ids when already known (the tokenizer's output for it)."""
     from gguf_moe.source import open_model
 
     torch = import_torch()
@@ -104,7 +106,7 @@ def compute_imatrix(
     try:
         spec = ModelSpec.from_source(model)
         tok = load_tokenizer(model)
-        ids = tok.encode(read_text(text_file))
+        ids = tok.encode(read_text(text_file)) if tokens is None else tokens
         batches = make_chunks(ids, ctx, chunks, tok.bos_id, tok.add_bos, str(text_file))
         weights = SourceWeights(model)
         runner = Runner(spec, device=dev)

@@ -133,9 +133,11 @@ def evaluate(
     round_activations: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     only_groups: list[int] | None = None,
+    tokens: list[int] | None = None,
 ) -> EvalResult:
     """Score ``files``; with ``only_groups`` only those chunk groups are scored and the
-    result carries the raw per-token arrays (their slices filled) and no ``files``."""
+    result carries the raw per-token arrays (their slices filled) and no ``files``.
+    ``tokens``: the text's token ids when already known (the tokenizer's output for it)."""
     from gguf_moe.source import open_model
 
     torch = import_torch()
@@ -150,7 +152,7 @@ def evaluate(
         for g in ggufs:
             check_matches_source(g, src_w, model)
         tok = load_tokenizer(model)
-        ids = tok.encode(read_text(text_file))
+        ids = tok.encode(read_text(text_file)) if tokens is None else tokens
         batches = make_chunks(ids, ctx, chunks, tok.bos_id, tok.add_bos, str(text_file))
         weights = [src_w, *ggufs]
         runners = [Runner(spec, device=dev)] + [Runner(spec, device=dev, round_activations=round_activations) for _ in ggufs]

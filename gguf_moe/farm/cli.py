@@ -110,7 +110,7 @@ def run_cmd(plan_file, state_dir, executor, address, workers, no_space_check, dr
     if address and executor != "ray":
         raise click.UsageError("--address is for --executor ray")
     plan = load_plan(plan_file)
-    tasks, journal = prepare(plan, state_dir)
+    tasks, journal = prepare(plan, state_dir, dry_run)
     complete = _complete(tasks, journal)
     if dry_run:
         if as_json:

@@ -49,9 +49,9 @@ class FarmState:
         return all(s in ("done", "skipped") for s in self.state.values())
 
 
-def prepare(plan: Plan, state_dir: Path | None) -> tuple[list[dict], Journal]:
+def prepare(plan: Plan, state_dir: Path | None, dry_run: bool = False) -> tuple[list[dict], Journal]:
     plan.state = Path(state_dir) if state_dir is not None else plan.outdir / ".farm"
-    tasks = expand(plan)
+    tasks = expand(plan, save=not dry_run)
     return tasks, Journal(plan.state)
 
 

@@ -101,14 +101,21 @@ def _layer_bytes(model) -> tuple[int, int]:
     return (max(per.values()) if per else 0), other
 
 
-def _chunks_of(model, spec, n_embd: int, n_models: int) -> tuple[int, list[range]]:
+def _chunks_of(model, spec, n_embd: int, n_models: int, cache: Path, save: bool) -> tuple[int, list[range], str]:
+    """Chunk count and groups of a text, and where its token ids are kept for the tasks
+    (``<cache>``: tokenized once here, not once per group task)."""
     from gguf_moe.calibrate import chunk_groups
     from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
 
     tok = load_tokenizer(model)
     ids = tok.encode(read_text(spec.text))
     batches = make_chunks(ids, spec.ctx, spec.chunks, tok.bos_id, tok.add_bos, str(spec.text))
-    return len(batches), chunk_groups(len(batches), spec.ctx, n_embd, n_models=n_models)
+    if save:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".part.npy")
+        np.save(tmp, np.asarray(ids, dtype=np.int64))
+        os.replace(tmp, cache)
+    return len(batches), chunk_groups(len(batches), spec.ctx, n_embd, n_models=n_models), str(cache)
 
 
 def _static(preset) -> bool:
@@ -122,8 +129,9 @@ def output_paths(job, preset) -> str:
     return str(job.dir / output_name(job.name, preset))
 
 
-def expand(plan) -> list[dict]:
-    """Every task of the plan in dependency order, with resources and keys."""
+def expand(plan, save: bool = True) -> list[dict]:
+    """Every task of the plan in dependency order, with resources and keys (``save``: keep
+    the texts' token ids in the state folder for the tasks; a dry run writes nothing)."""
     from gguf_moe.convert import plan_outputs
     from gguf_moe.hub import open_source
     from gguf_moe.imatrix import Imatrix
@@ -153,8 +161,11 @@ def expand(plan) -> list[dict]:
                     sizes[p.name] = (sum(-(-t.nbytes // 32) * 32 for t in o.tensors) + 16 * _MB, o.bits_per_weight)
                     if split is not None:  # the shards the set will have (llama-gguf-split's assignment)
                         n_shards[p.name] = len(assign_shards([t.nbytes for t in o.tensors], split, [t.name for t in o.tensors]))
-                im_chunks = _chunks_of(model, job.imatrix, n_embd, 1) if job.imatrix is not None else None
-                ev_chunks = (_chunks_of(model, job.eval, n_embd, 1 + len(job.presets)) if job.eval is not None else None)
+                tok_dir = Path(plan.state) / "parts" / job.name
+                im_chunks = (_chunks_of(model, job.imatrix, n_embd, 1, tok_dir / "imatrix-tokens.npy", save)
+                             if job.imatrix is not None else None)  # fmt: skip
+                ev_chunks = (_chunks_of(model, job.eval, n_embd, 1 + len(job.presets), tok_dir / "eval-tokens.npy", save)
+                             if job.eval is not None else None)  # fmt: skip
             finally:
                 model.close()
         # a Hub source is pinned to the commit it resolved to now, for every task of the run
@@ -173,13 +184,13 @@ def expand(plan) -> list[dict]:
         im_deps: list[str] = []
         if job.imatrix is not None:
             s = job.imatrix
-            n_chunk, groups = im_chunks
+            n_chunk, groups, tokens = im_chunks
             tp = {"text": str(s.text), "text_sha256": _text_digest(s.text), "ctx": s.ctx, "chunks": s.chunks}
             act = 6 * max(len(g) for g in groups) * s.ctx * n_embd * 4
             part_ids = []
             for gi in range(len(groups)):
                 tid = f"imatrix/{gi:03d}"
-                add("imatrix_part", tid, {**tp, "group": gi, "n_groups": len(groups), "device": job.device},
+                add("imatrix_part", tid, {**tp, "group": gi, "n_groups": len(groups), "device": job.device, "tokens": tokens},
                     [str(parts_dir / f"imatrix-{gi:03d}.npz")], [], 2 * layer + act + 512 * _MB,
                     gpus=1 if job.device == "cuda" else 0)  # fmt: skip
                 part_ids.append(tid)
@@ -208,7 +219,7 @@ def expand(plan) -> list[dict]:
         eval_json = None
         if job.eval is not None:
             s = job.eval
-            n_chunk, groups = ev_chunks
+            n_chunk, groups, tokens = ev_chunks
             tp = {"text": str(s.text), "text_sha256": _text_digest(s.text), "ctx": s.ctx, "chunks": s.chunks,
                   "files": files}  # fmt: skip
             n_models = 1 + len(files)
@@ -216,7 +227,7 @@ def expand(plan) -> list[dict]:
             part_ids = []
             for gi, g in enumerate(groups):
                 tid = f"eval/{gi:03d}"
-                add("eval_part", tid, {**tp, "group": gi, "n_groups": len(groups), "device": job.device},
+                add("eval_part", tid, {**tp, "group": gi, "n_groups": len(groups), "device": job.device, "tokens": tokens},
                     [str(parts_dir / f"eval-{gi:03d}.npz")], conv_ids, 2 * layer + 3 * head + act + 512 * _MB,
                     gpus=1 if job.device == "cuda" else 0)  # fmt: skip
                 part_ids.append(tid)
@@ -286,6 +297,14 @@ def _eval_file(path: str, split_max_size) -> str:
     return _split_files(path, split_max_size)[0]
 
 
+def _tokens(p: dict) -> list[int] | None:
+    """The text's token ids the driver saved, or None (then the task tokenizes the text)."""
+    f = p.get("tokens")
+    if not f or not Path(f).is_file():
+        return None
+    return np.load(f).tolist()
+
+
 def run_task(spec: dict) -> dict:
     """Run one task (in a worker process); returns ``{"outputs": [...], "result": {...},
     "worker": ..., "seconds": ...}``.  Library errors propagate as GgufMoeError."""
@@ -302,7 +321,7 @@ def run_task(spec: dict) -> dict:
 
         with open_source(spec["source"]) as (model_dir, _):
             r = compute_imatrix(model_dir, p["text"], ctx=p["ctx"], chunks=p["chunks"], threads=threads,
-                                device=p["device"], only_groups=[p["group"]])  # fmt: skip
+                                device=p["device"], only_groups=[p["group"]], tokens=_tokens(p))  # fmt: skip
         part = r.parts[p["group"]]
         arrays = {}
         for name, (s, c) in part.items():
@@ -340,7 +359,7 @@ def run_task(spec: dict) -> dict:
         files = [_eval_file(f, spec.get("split_max_size")) for f in p["files"]]
         with open_source(spec["source"]) as (model_dir, _):
             r = evaluate(model_dir, files, p["text"], ctx=p["ctx"], chunks=p["chunks"], threads=threads,
-                         device=p["device"], only_groups=[p["group"]])  # fmt: skip
+                         device=p["device"], only_groups=[p["group"]], tokens=_tokens(p))  # fmt: skip
         g = r.groups[p["group"]]
         n_score = p["ctx"] - 1 - p["ctx"] // 2
         a, b = g.start * n_score, g.stop * n_score
