@@ -120,7 +120,13 @@ class ModelSpec:
     rope_theta: float
     freq_scale: float
     norm_topk: bool
-    shared_expert: bool
+    #: the shared expert: "" (none), "gated" (sigmoid gate ``ffn_gate_inp_shexp``) or "ungated"
+    shared_expert: str = ""
+    #: NEOX rotary (first and second halves) rather than llama.cpp's adjacent pairs on
+    #: permuted Q/K rows
+    rope_neox: bool = False
+    #: per-head RMS norms of Q and K before the rotary embedding (``attn_q_norm``/``attn_k_norm``)
+    qk_norm: bool = False
 
     @property
     def moe(self) -> bool:
@@ -128,11 +134,23 @@ class ModelSpec:
 
     @classmethod
     def from_source(cls, model) -> ModelSpec:
-        hp, cfg = model.hparams, model.config
-        # the source's architecture (a DeepSeek merge may be written as llama.cpp's llama)
-        source_arch = model.spec.gguf_arch if model.spec is not None else model.gguf_arch
-        if source_arch not in (MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2MOE):
+        """The source model's forward, from what its architecture module declares: the block
+        layout's rules (permuted Q/K rows: llama.cpp's NORM rotary; none: NEOX), the file
+        architecture's ``FileSpec`` (per-head Q/K norms, gated or ungated shared expert) and the
+        hyperparameters (``norm_topk_prob``, ``n_ff_shexp``).  The file ``convert`` writes for a
+        faithful routing computes the same function under the same tensor names."""
+        from gguf_moe import archs as archmod
+
+        hp = model.hparams
+        layout = archmod.BLOCK_LAYOUTS.get(getattr(model, "layout", None) or "")
+        file_spec = archmod.FILE_SPECS.get(model.arch)
+        if model.spec is None or layout is None or file_spec is None:
             raise UnsupportedArchitecture(f"{model.path}: {model.hf_arch} cannot be run for imatrix/eval")
+        if hp.n_ff_shexp and not file_spec.shexp:
+            raise UnsupportedArchitecture(
+                f"{model.path}: {model.hf_arch} has a shared expert but its {model.arch} file has none; imatrix/eval "
+                "cannot name its tensors"
+            )
         rope_type = (hp.get("rope_type") or "default").lower() if isinstance(hp.get("rope_type"), str) else "default"
         freq_scale = 1.0
         if rope_type == "linear" and hp["rope"].get("factor"):
@@ -141,7 +159,6 @@ class ModelSpec:
             raise UnsupportedArchitecture(
                 f"{model.path}: rope scaling {rope_type!r} is not supported by imatrix/eval (default, linear and llama3 are)"
             )
-        qwen = model.gguf_arch == MODEL_ARCH.QWEN2MOE
         return cls(
             arch=model.gguf_arch,
             n_layer=hp["n_layer"],
@@ -155,11 +172,13 @@ class ModelSpec:
             eps=float(hp["rms_eps"] if hp["rms_eps"] is not None else 1e-5),
             rope_theta=float(hp["rope_theta"] if hp["rope_theta"] is not None else 10000.0),
             freq_scale=freq_scale,
-            # the source's routing: Mixtral renormalizes the top-k weights, Qwen2-MoE as its
-            # norm_topk_prob says (llama.cpp's qwen2moe never does: convert refuses that file
-            # unless --allow-routing-mismatch, and eval then shows the difference)
-            norm_topk=hp.norm_topk_prob if qwen else True,
-            shared_expert=qwen,
+            # the source's routing (Mixtral: always renormalised; the others as norm_topk_prob
+            # says).  Where no llama.cpp graph computes it, convert refuses the file unless
+            # --allow-routing-mismatch, and eval then shows the difference.
+            norm_topk=bool(hp.norm_topk_prob),
+            shared_expert=file_spec.shexp if hp.n_ff_shexp else "",
+            rope_neox=not any(r.permute for r in layout.rules),
+            qk_norm=file_spec.qk_norm,
         )
 
 
@@ -388,10 +407,14 @@ class Runner:
     def load_layer(self, weights, L: int) -> dict:
         s = self.spec
         kinds = [T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM]
+        if s.qk_norm:
+            kinds += [T.ATTN_Q_NORM, T.ATTN_K_NORM]
         if s.moe:
             kinds += [T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP]
             if s.shared_expert:
-                kinds += [T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP, T.FFN_GATE_INP_SHEXP]
+                kinds += [T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP]
+            if s.shared_expert == "gated":
+                kinds.append(T.FFN_GATE_INP_SHEXP)
         else:
             kinds += [T.FFN_GATE, T.FFN_UP, T.FFN_DOWN]
         w = {k: self._load(weights, tensor_name(k, L)) for k in kinds}
@@ -457,7 +480,7 @@ class Runner:
     def _rope(self, x, cos, sin):
         """x ``[b, T, H, hd]``."""
         torch = self.torch
-        if self.spec.arch == MODEL_ARCH.QWEN2MOE:  # NEOX: first and second halves
+        if self.spec.rope_neox:  # NEOX: first and second halves
             h = x.shape[-1] // 2
             x0, x1 = x[..., :h], x[..., h:]
             c, s_ = cos[None, :, None, :], sin[None, :, None, :]
@@ -493,8 +516,11 @@ class Runner:
         if (T.ATTN_V, "bias") in w:
             v = v + w[(T.ATTN_V, "bias")][0]
         hd = s.head_dim
-        q = self._rope(q.view(b, n, s.n_head, hd), cos, sin)
-        k_ = self._rope(k_.view(b, n, s.n_head_kv, hd), cos, sin)
+        q, k_ = q.view(b, n, s.n_head, hd), k_.view(b, n, s.n_head_kv, hd)
+        if s.qk_norm:  # per head, before the rotary embedding
+            q, k_ = self._rms(q, w[T.ATTN_Q_NORM][0]), self._rms(k_, w[T.ATTN_K_NORM][0])
+        q = self._rope(q, cos, sin)
+        k_ = self._rope(k_, cos, sin)
         v = v.view(b, n, s.n_head_kv, hd)
         rep = s.n_head // s.n_head_kv
         q = q.transpose(1, 2)
@@ -553,14 +579,16 @@ class Runner:
                 collect.add(name(T.FFN_DOWN_EXP), ge, E, e)
             out[rows] += self._mm(ge, (wd[e], td)) * top_w[rows, slot, None]  # a token picks an expert once
         if s.shared_expert:
+            gated = s.shared_expert == "gated"
             if collect is not None:
-                collect.add(tuple(name(k) for k in (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_GATE_INP_SHEXP)), x)
+                kinds = (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP) + ((T.FFN_GATE_INP_SHEXP,) if gated else ())
+                collect.add(tuple(name(k) for k in kinds), x)
             xs: dict = {}
             g = torch.nn.functional.silu(self._mm(x, w[T.FFN_GATE_SHEXP], xs)) * self._mm(x, w[T.FFN_UP_SHEXP], xs)
             if collect is not None:
                 collect.add(name(T.FFN_DOWN_SHEXP), g)
             shared = self._mm(g, w[T.FFN_DOWN_SHEXP])
-            out = out + shared * torch.sigmoid(self._mm(x, w[T.FFN_GATE_INP_SHEXP], xs))
+            out = out + (shared * torch.sigmoid(self._mm(x, w[T.FFN_GATE_INP_SHEXP], xs)) if gated else shared)
         return out
 
     # whole passes ------------------------------------------------------------

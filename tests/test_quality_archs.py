@@ -1,0 +1,142 @@
+"""``gguf-moe imatrix`` and ``eval`` on Qwen3-MoE (both expert layouts) and DeepSeek-MoE v1
+(with and without shared expert, renormalised or not), against the real ``llama-imatrix``
+and ``llama-perplexity`` on the files ``convert`` writes for them (``qwen3moe``;
+``granitemoe``, ``deepseek`` or ``llama`` for DeepSeek, by routing), and the forward pass
+against transformers (Qwen3-MoE) or the DeepSeek reference forward of ``test_routing``
+(itself checked against transformers' Mixtral).
+
+Tolerances are those of ``test_imatrix_cmd`` / ``test_eval_cmd`` (same float32 arithmetic on
+both sides, differing in summation order; see there why they are honest).  Every merge has an
+expert no token can reach (``kill_expert``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from gguf_moe.synth import make_moe
+from test_imatrix_cmd import CHUNKS, CTX, MAX_COUNT_DIFF, RTOL, kill_expert, llama_bin, read_imatrix, run_cli, text_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+MODELS = {
+    # name: (make_moe arguments, unreachable expert, llama.cpp architecture of the file)
+    "qwen3-fused": (dict(arch="qwen3moe", layout="fused", norm_topk_prob=True, seed=11), 2, "qwen3moe"),
+    "qwen3-legacy": (dict(arch="qwen3moe", layout="legacy", norm_topk_prob=True, seed=11), 2, "qwen3moe"),
+    "deepseek-shared-norm": (dict(arch="deepseek", n_shared=2, norm_topk_prob=True, seed=12), 1, "granitemoe"),
+    "deepseek-shared-raw": (dict(arch="deepseek", n_shared=2, norm_topk_prob=False, seed=12), 1, "deepseek"),
+    "deepseek-noshared": (dict(arch="deepseek", n_shared=None, norm_topk_prob=True, seed=13), 3, "llama"),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache: dict[str, tuple[Path, Path, Path]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            args, dead, arch = MODELS[name]
+            root = tmp_path_factory.mktemp(name)
+            src = make_moe(root / "tiny-moe", hidden=128, ff=256, **args)
+            kill_expert(src, dead)
+            f32 = root / "f32.gguf"
+            code, _, err = run_cli("convert", src, "-t", "F32", "-o", f32, "-q")
+            assert code == 0, err
+            assert gguf.GGUFReader(f32).fields["general.architecture"].contents() == arch
+            cache[name] = (src, f32, text_file(root))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_matches_reference(built, name):
+    """Logits of the layer-by-layer forward (GGUF layout) against transformers' Qwen3-MoE or
+    the DeepSeek-MoE v1 reference: measured max |diff| below 1e-4 on logits up to 80."""
+    from gguf_moe.runner import ModelSpec, Runner, SourceWeights
+    from gguf_moe.source import open_model
+
+    src, _, _ = built(name)
+    rng = np.random.default_rng(1)
+    with open_model(src) as m:
+        spec = ModelSpec.from_source(m)
+        chunks = rng.integers(3, spec.n_vocab, size=(2, 48))
+        w = SourceWeights(m)
+        r = Runner(spec)
+        with torch.no_grad():
+            H = r.run_layers(w, chunks)
+            head = r.load_head(w)
+            ours = r.logits(head, r.head_input(head, H)).numpy()
+    if name.startswith("qwen3"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = hf(torch.tensor(chunks)).logits.numpy()
+    else:
+        from test_routing import deepseek_forward
+
+        ref = np.stack([deepseek_forward(src, [int(i) for i in c]) for c in chunks])
+    d = np.abs(ours - ref)
+    assert d.max() < 1e-3, f"{name}: max |diff| {d.max():.2e}"
+    assert d.mean() < 2e-5, f"{name}: mean |diff| {d.mean():.2e}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.99
+
+
+@pytest.mark.parametrize("name", ["qwen3-fused", "deepseek-shared-norm", "deepseek-shared-raw", "deepseek-noshared"])
+def test_imatrix_matches_llama_imatrix(built, name, tmp_path):
+    tool = llama_bin("llama-imatrix")
+    if tool is None:
+        pytest.skip("llama-imatrix not built (scripts/setup.sh --dev)")
+    src, f32, text = built(name)
+    dead = MODELS[name][1]
+    ref = tmp_path / "ref.gguf"
+    r = subprocess.run(
+        [tool, "-m", f32, "-f", text, "-o", ref, "-c", str(CTX), "--chunks", str(CHUNKS), "-fa", "off",
+         "-ctk", "f32", "-ctv", "f32", "-t", "2", "--no-ppl"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    code, out, err = run_cli("imatrix", src, "-f", text, "-o", ours, "--ctx", CTX, "--chunks", CHUNKS, "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+
+    kv_ref, t_ref, names_ref = read_imatrix(ref)
+    kv_ours, t_ours, names_ours = read_imatrix(ours)
+    assert kv_ours == kv_ref
+    assert names_ours == names_ref  # same entries (shared-expert tensors included), same order
+    shexp = any("_shexp." in n for n in names_ref)
+    assert shexp == (MODELS[name][0].get("n_shared") is not None and MODELS[name][0]["arch"] == "deepseek")
+    worst = 0.0
+    for n in names_ref:
+        if not n.endswith(".counts"):
+            continue
+        base = n[: -len(".counts")]
+        c_ref, c_ours = t_ref[n].reshape(-1), t_ours[n].reshape(-1)
+        s_ref, s_ours = t_ref[base + ".in_sum2"], t_ours[base + ".in_sum2"]
+        assert s_ref.shape == s_ours.shape and c_ref.shape == c_ours.shape, base
+        if c_ref.size == 1:
+            assert c_ours[0] == c_ref[0] == CTX * CHUNKS, base
+        else:
+            assert np.abs(c_ours - c_ref).max() <= MAX_COUNT_DIFF, (base, c_ours, c_ref)
+        s_ref, s_ours = s_ref.reshape(c_ref.size, -1), s_ours.reshape(c_ref.size, -1)
+        for e in range(c_ref.size):
+            if c_ref[e] == 0:
+                assert not s_ours[e].any()
+                continue
+            tol = RTOL + 2 * abs(float(c_ours[e] - c_ref[e])) / float(c_ref[e])
+            rel = np.abs(s_ours[e] - s_ref[e]) / np.maximum(np.abs(s_ref[e]), 1e-30)
+            assert rel.max() < tol, f"{base}[{e}]: rel {rel.max():.2e}"
+            worst = max(worst, float(rel.max()))
+    print(f"{name}: max rel in_sum2 {worst:.2e}")
+    for L in range(len(report["expert_tokens"])):
+        c_ref = t_ref[f"blk.{L}.ffn_gate_exps.weight.counts"].reshape(-1)
+        assert c_ref[dead] == 0 and report["expert_tokens"][L][dead] == 0
+    assert {"layer": 0, "expert": dead} in report["unrouted"]
+    print(f"{name}: unrouted {[(u['layer'], u['expert']) for u in report['unrouted']]}")
