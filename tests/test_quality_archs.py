@@ -140,3 +140,64 @@ def test_imatrix_matches_llama_imatrix(built, name, tmp_path):
         assert c_ref[dead] == 0 and report["expert_tokens"][L][dead] == 0
     assert {"layer": 0, "expert": dead} in report["unrouted"]
     print(f"{name}: unrouted {[(u['layer'], u['expert']) for u in report['unrouted']]}")
+
+
+EVAL_TYPES = ("Q8_0", "Q4_K_M", "Q2_K")
+
+
+@pytest.mark.parametrize("name", ["qwen3-fused", "deepseek-shared-norm"])
+def test_eval_matches_llama_perplexity(name, tmp_path):
+    """Bounds as ``test_eval_cmd``: perplexity within 0.5 %, mean KLD within 10 %, p99 KLD
+    within 20 %, top-1 within 1.5 points, same ranking; the source's own perplexity equal to
+    llama.cpp's on the F32 file."""
+    import re
+
+    from test_eval_cmd import CHUNKS as E_CHUNKS
+    from test_eval_cmd import CTX as E_CTX
+    from test_eval_cmd import llama_kld, tame_logits
+
+    tool = llama_bin("llama-perplexity")
+    if tool is None:
+        pytest.skip("llama-perplexity not built (scripts/setup.sh --dev)")
+    args, dead, _ = MODELS[name]
+    src = make_moe(tmp_path / "tiny-moe", hidden=128, ff=256, **args)
+    kill_expert(src, dead)
+    tame_logits(src)  # synthetic logits are far wider than a trained model's (see test_eval_cmd)
+    text = text_file(tmp_path)
+    f32 = tmp_path / "f32.gguf"
+    assert run_cli("convert", src, "-t", "F32", "-o", f32, "-q")[0] == 0
+    code, _, err = run_cli("convert", src, *[a for t in EVAL_TYPES for a in ("-t", t)], "--outdir", tmp_path / "q", "-q")
+    assert code == 0, err
+    files = sorted((tmp_path / "q").glob("*.gguf"), key=lambda p: EVAL_TYPES.index(p.stem.split("-")[-1]))
+    assert len(files) == len(EVAL_TYPES)
+    ref = llama_kld(tool, f32, files, text, tmp_path)
+    code, out, err = run_cli("eval", src, *files, "-f", text, "--ctx", E_CTX, "--chunks", E_CHUNKS, "--device", "cpu", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["tokens"] == E_CHUNKS * (E_CTX - 1 - E_CTX // 2)
+    rows = []
+    for f, path in zip(res["files"], files):
+        r = ref[path.name]
+        d = {
+            "ppl": f["ppl"] / r["ppl"] - 1,
+            "kld_mean": f["kld_mean"] / r["kld_mean"] - 1,
+            "kld_p99": f["kld_p99"] / r["kld_p99"] - 1,
+            "top1": f["top1"] - r["top1"],
+        }
+        rows.append(f"{f['type']}: ppl {100 * d['ppl']:+.2f}%  KLD {100 * d['kld_mean']:+.2f}%  "
+                    f"p99 {100 * d['kld_p99']:+.2f}%  top-1 {100 * d['top1']:+.2f} pt")  # fmt: skip
+        assert abs(d["ppl"]) < 0.005, rows[-1]
+        assert abs(d["kld_mean"]) < 0.10, rows[-1]
+        assert abs(d["kld_p99"]) < 0.20, rows[-1]
+        assert abs(d["top1"]) < 0.015, rows[-1]
+    print(f"{name}: " + "; ".join(rows))
+    order = sorted(range(len(files)), key=lambda i: res["files"][i]["kld_mean"])
+    assert order == sorted(range(len(files)), key=lambda i: ref[files[i].name]["kld_mean"])
+    for _ in range(3):  # llama.cpp's asynchronous logger sometimes loses the last lines at exit
+        r = subprocess.run([tool, "-m", f32, "-f", text, "-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2",
+                            "-c", str(E_CTX), "--chunks", str(E_CHUNKS), "-nr"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        m = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
+        if m:
+            break
+    assert m and abs(res["source"]["ppl"] / float(m.group(1)) - 1) < 1e-4
+    print(f"{name}: source ppl {res['source']['ppl']:.4f}, llama.cpp {float(m.group(1)):.4f}")
