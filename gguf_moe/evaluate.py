@@ -155,7 +155,11 @@ def evaluate(
         ids = tok.encode(read_text(text_file)) if tokens is None else tokens
         batches = make_chunks(ids, ctx, chunks, tok.bos_id, tok.add_bos, str(text_file))
         weights = [src_w, *ggufs]
-        runners = [Runner(spec, device=dev)] + [Runner(spec, device=dev, round_activations=round_activations) for _ in ggufs]
+        # each file with the routing llama.cpp's graph gives it (the source's, unless the file
+        # was written with --allow-routing-mismatch)
+        runners = [Runner(spec, device=dev)] + [
+            Runner(spec.for_file(g.reader), device=dev, round_activations=round_activations) for g in ggufs
+        ]
         n_models = len(weights)
         groups = chunk_groups(len(batches), ctx, spec.n_embd, n_models=n_models)
         run = [i for i in range(len(groups)) if only_groups is None or i in only_groups]

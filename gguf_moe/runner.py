@@ -182,6 +182,27 @@ class ModelSpec:
         )
 
 
+    def for_file(self, reader) -> ModelSpec:
+        """This model as a GGUF file of it computes it in llama.cpp: the routing its
+        architecture's graph applies (``FileSpec.renormalises``, or the file's
+        ``{arch}.expert_weights_norm`` where the graph reads it), which differs from the
+        source's in a file written with ``--allow-routing-mismatch``."""
+        import dataclasses
+
+        from gguf_moe import archs as archmod
+
+        f = reader.fields.get("general.architecture")
+        arch = f.contents() if f is not None else None
+        fs = archmod.FILE_SPECS.get(arch)
+        if fs is None or not self.moe:
+            return self
+        norm = fs.renormalises
+        if norm is None:
+            k = reader.fields.get(f"{arch}.expert_weights_norm")
+            norm = bool(k.contents()) if k is not None else False
+        return dataclasses.replace(self, norm_topk=bool(norm))
+
+
 # --------------------------------------------------------------------------- weights
 
 

@@ -201,3 +201,39 @@ def test_eval_matches_llama_perplexity(name, tmp_path):
             break
     assert m and abs(res["source"]["ppl"] / float(m.group(1)) - 1) < 1e-4
     print(f"{name}: source ppl {res['source']['ppl']:.4f}, llama.cpp {float(m.group(1)):.4f}")
+
+
+def test_eval_runs_a_mismatched_file_as_llama_cpp_does(tmp_path):
+    """A DeepSeek merge without shared expert and with ``norm_topk_prob: false`` written as
+    ``llama`` on request (``--allow-routing-mismatch``): llama.cpp renormalises its top-2
+    weights, so eval scores that file with renormalised routing (its perplexity equals
+    llama-perplexity's on it) and the source without (another perplexity)."""
+    import re
+
+    tool = llama_bin("llama-perplexity")
+    if tool is None:
+        pytest.skip("llama-perplexity not built (scripts/setup.sh --dev)")
+    src = make_moe(tmp_path / "tiny-moe", arch="deepseek", n_shared=None, norm_topk_prob=False, hidden=128, ff=256, seed=13)
+    from test_eval_cmd import tame_logits
+
+    tame_logits(src)
+    text = text_file(tmp_path)
+    f32 = tmp_path / "f32.gguf"
+    code, _, err = run_cli("convert", src, "-t", "F32", "-o", f32, "-q", "--allow-routing-mismatch")
+    assert code == 0, err
+    code, out, err = run_cli("eval", src, f32, "-f", text, "--ctx", 128, "--chunks", 4, "--device", "cpu", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    for _ in range(3):  # llama.cpp's asynchronous logger sometimes loses the last lines at exit
+        r = subprocess.run([tool, "-m", f32, "-f", text, "-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2",
+                            "-c", "128", "--chunks", "4", "-nr"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        m = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
+        if m:
+            break
+    assert m, r.stderr[-2000:]
+    ppl = float(m.group(1))
+    f = res["files"][0]
+    print(f"mismatched llama file: eval ppl {f['ppl']:.4f}, llama.cpp {ppl:.4f}, source {res['source']['ppl']:.4f}, "
+          f"KLD {f['kld_mean']:.2e}, top-1 {f['top1']:.3f}")  # fmt: skip
+    assert abs(f["ppl"] / ppl - 1) < 1e-4
+    assert abs(res["source"]["ppl"] / ppl - 1) > 1e-3 and f["kld_mean"] > 1e-4
