@@ -88,7 +88,7 @@ def test_forward_matches_reference(built, name):
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.99
 
 
-@pytest.mark.parametrize("name", ["qwen3-fused", "deepseek-shared-norm", "deepseek-shared-raw", "deepseek-noshared"])
+@pytest.mark.parametrize("name", ["qwen3-fused", "qwen3-legacy", "deepseek-shared-norm", "deepseek-shared-raw", "deepseek-noshared"])
 def test_imatrix_matches_llama_imatrix(built, name, tmp_path):
     tool = llama_bin("llama-imatrix")
     if tool is None:
