@@ -192,7 +192,7 @@ def test_import_without_numba_is_a_clean_import_error():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unsupported type"):
-        qn.quantize_rows("IQ2_XS", np.zeros((1, 256), F32), None)
+        qn.quantize_rows("Q8_K", np.zeros((1, 256), F32), None)
     with pytest.raises(ValueError, match="multiple of 256"):
         qn.quantize_rows("Q4_K", np.zeros((1, 250), F32), None)
     with pytest.raises(ValueError, match="quant weights"):
