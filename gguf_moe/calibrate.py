@@ -112,6 +112,9 @@ def compute_imatrix(
         runner = Runner(spec, device=dev)
         groups = chunk_groups(len(batches), ctx, spec.n_embd)
         run = [i for i in range(len(groups)) if only_groups is None or i in only_groups]
+        # a file without output.weight (tied embeddings) multiplies by token_embd, which
+        # llama-imatrix never collects
+        process_output = process_output and weights.has(tensor_name(T.OUTPUT))
         total = len(run) * (spec.n_layer + (1 if process_output else 0))
         parts = {}
         done = 0

@@ -237,3 +237,25 @@ def test_eval_runs_a_mismatched_file_as_llama_cpp_does(tmp_path):
           f"KLD {f['kld_mean']:.2e}, top-1 {f['top1']:.3f}")  # fmt: skip
     assert abs(f["ppl"] / ppl - 1) < 1e-4
     assert abs(res["source"]["ppl"] / ppl - 1) > 1e-3 and f["kld_mean"] > 1e-4
+
+
+def test_process_output_with_tied_embeddings(tmp_path):
+    """A Qwen3-MoE merge with tied embeddings has no output.weight in its file: llama.cpp
+    multiplies by token_embd, which llama-imatrix does not collect even with
+    ``--process-output``; gguf-moe writes the same entries."""
+    tool = llama_bin("llama-imatrix")
+    if tool is None:
+        pytest.skip("llama-imatrix not built (scripts/setup.sh --dev)")
+    src = make_moe(tmp_path / "tiny-moe", arch="qwen3moe", hidden=128, ff=256, tie_embeddings=True, seed=3)
+    text = text_file(tmp_path)
+    f32 = tmp_path / "f32.gguf"
+    assert run_cli("convert", src, "-t", "F32", "-o", f32, "-q")[0] == 0
+    assert "output.weight" not in [t.name for t in gguf.GGUFReader(f32).tensors]
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    r = subprocess.run([tool, "-m", f32, "-f", text, "-o", ref, "-c", "64", "--chunks", "2", "-fa", "off", "-ctk", "f32",
+                        "-ctv", "f32", "-t", "2", "--no-ppl", "--process-output"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = run_cli("imatrix", src, "-f", text, "-o", ours, "--ctx", 64, "--chunks", 2, "--device", "cpu", "--process-output")
+    assert code == 0, err
+    names = read_imatrix(ours)[2]
+    assert names == read_imatrix(ref)[2] and not any(n.startswith("output") for n in names)
