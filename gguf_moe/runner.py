@@ -12,12 +12,15 @@ Weights come by their GGUF names, in GGUF layout (numpy ``[out, in]``, experts
   ``convert -t F32`` would write), or
 * :class:`GGUFWeights`: a GGUF file, dequantized with ``quant.dequantize``.
 
-The arithmetic is llama.cpp's graph for these architectures (``llm_build_llama`` /
-``llm_build_qwen2moe``): RMSNorm, rotary embeddings (llama: adjacent pairs on the permuted
-Q/K rows, with ``rope_freqs`` factors; qwen2moe: NEOX halves), causal attention with
-grouped KV heads, SwiGLU; MoE: softmax over the router logits, top-k on the
-probabilities, Mixtral renormalizes the chosen weights, Qwen2-MoE adds the shared expert
-gated by a sigmoid.  All in float32.
+The arithmetic is llama.cpp's graph for the files ``convert`` writes (``llama``,
+``qwen2moe``, ``qwen3moe``, ``granitemoe``, ``deepseek``), which compute the source model:
+RMSNorm, rotary embeddings (adjacent pairs on the permuted Q/K rows, with ``rope_freqs``
+factors, where the block layout permutes them; NEOX halves where it does not), per-head
+Q/K RMS norms (Qwen3-MoE), causal attention with grouped KV heads, SwiGLU; MoE: softmax over
+the router logits, top-k on the probabilities, renormalized as ``norm_topk_prob`` says
+(Mixtral always), plus a shared expert: gated by a sigmoid (Qwen2-MoE) or not (DeepSeek-MoE).
+What applies is read from the architecture module (:meth:`ModelSpec.from_source`).  All in
+float32.
 
 ``round_activations=True`` models what llama.cpp's CPU matrix products do to their inputs:
 before a product with a quantized weight the activations are quantized to the weight's
