@@ -13,21 +13,15 @@ compiled/fast backends; the slow ``torch:cpu`` path (the CUDA kernels run on CPU
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
-
 import numpy as np
 import pytest
 
 import quant
 import weights
+from bytecheck import FULL, SCALE, Families, describe, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
-SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
-SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
-FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 #: backend -> row stride used on each case (1 = every row)
 ROW_STRIDE = {} if FULL else {"torch:cpu": 16}
 TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -46,78 +40,18 @@ SHAPES = {
     "integer_grid": (2048, 256),
     "lowrank_like": (192, 4096),
 }
-# The degenerate blocks of "subnormals" hit float->int casts that C leaves undefined; we
-# reproduce x86-64 ggml, which is what the oracle is on x86-64 only.
-CASES = [c for c in SHAPES if c != "subnormals" or platform.machine().lower() in ("x86_64", "amd64")]
-
-
-def _skip_unless_implemented(backend: str, qtype: str) -> None:
-    """A backend may not implement every type yet (its ``NAMES``); ``quantize`` refuses such a
-    pair when the backend is named, so there is nothing to compare."""
-    mod, _ = quant._backend(backend)
-    if qtype not in mod.NAMES:
-        pytest.skip(f"backend {backend} does not implement {qtype} (not in its NAMES)")
-
-
-@functools.cache
-def _input(case: str) -> np.ndarray:
-    rows, n = SHAPES[case]
-    x = weights.make(case, max(1, int(rows * SCALE)), n, seed=SEED)
-    x.setflags(write=False)
-    return x
-
-
-@functools.cache
-def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=7 + SEED)
-
-
-@functools.cache
-def _expected(qtype: str, case: str, imat: bool) -> np.ndarray:
-    x = _input(case)
-    return oracle.ggml_quantize(x, qtype, _imatrix(x.shape[1]) if imat else None)
-
-
-def _describe(ours: np.ndarray, ref: np.ndarray, x: np.ndarray, qtype: str) -> str | None:
-    """None when equal, else a report: number of differing blocks and the first one."""
-    q = quant.QTYPES[qtype]
-    a = ours.reshape(-1, q.type_size)
-    b = ref.reshape(-1, q.type_size)
-    diff = np.flatnonzero((a != b).any(axis=1))
-    if diff.size == 0:
-        return None
-    i = int(diff[0])
-    per_row = x.shape[-1] // q.block_size
-    vals = x.reshape(-1, q.block_size)[i]
-    return (
-        f"{diff.size} of {a.shape[0]} blocks differ; first: block {i} (row {i // per_row}, "
-        f"block {i % per_row} in row), bytes at {np.flatnonzero(a[i] != b[i])[:16].tolist()}\n"
-        f"  ours: {a[i].tolist()}\n  ggml: {b[i].tolist()}\n"
-        f"  input (first 32): {vals[:32].tolist()}"
-    )
+# Q8_0 is compared with ggml's plain output even with an imatrix (ggml ignores it there).
+DATA = Families(SHAPES, imatrix_seed=7)
+CASES = DATA.cases
+_input, _imatrix = DATA.input, DATA.imatrix
 
 
 @pytest.mark.parametrize("imat", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bytes_match_ggml(backend, qtype, imat):
-    _skip_unless_implemented(backend, qtype)
-    failures = []
-    blocks = 0
-    stride = ROW_STRIDE.get(backend, 1)
-    for case in CASES:
-        x = _input(case)[::stride]
-        qw = _imatrix(x.shape[1]) if imat else None
-        got = quant.quantize(x, qtype, imatrix=qw, backend=backend)
-        # ggml ignores the imatrix for Q8_0: compare with its plain output then.
-        # Rows are independent in ggml (the imatrix paths work row by row), so the
-        # oracle's rows can be subsampled like the input.
-        ref = _expected(qtype, case, imat and quant.QTYPES[qtype].uses_imatrix)[::stride]
-        assert got.shape == ref.shape and got.dtype == np.uint8
-        blocks += ref.size // quant.QTYPES[qtype].type_size
-        report = _describe(got, ref, x, qtype)
-        if report:
-            failures.append(f"[{case}] {report}")
+    skip_unless_implemented(backend, qtype)
+    failures, blocks = DATA.compare(backend, qtype, imat, ROW_STRIDE.get(backend, 1))
     assert not failures, f"{backend} {qtype} imatrix={imat}: mismatches in {len(failures)} cases\n" + "\n".join(
         failures
     )
@@ -129,7 +63,7 @@ def test_bytes_match_ggml(backend, qtype, imat):
 def test_per_expert_imatrix(backend, qtype):
     """3-D expert tensor with an imatrix per expert: expert e uses imatrix[e] (llama.cpp's
     ``imatrix + (row / ne1) * ne0``)."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     n_expert, rows, n = 4, 24, 1024
     x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
     im = weights.expert_imatrix(n_expert, n, seed=3)
@@ -137,7 +71,7 @@ def test_per_expert_imatrix(backend, qtype):
     assert got.shape == (n_expert, rows, quant.row_bytes(qtype, n))
     for e in range(n_expert):
         ref = oracle.ggml_quantize(x[e], qtype, im[e])
-        report = _describe(got[e], ref, x[e], qtype)
+        report = describe(got[e], ref, x[e], qtype)
         assert report is None, f"{backend} {qtype} expert {e}: {report}"
     # and the expert's imatrix really matters (guards against using imatrix[0] everywhere)
     assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
@@ -153,7 +87,7 @@ def test_grouping_and_threads_do_not_change_bytes(qtype, monkeypatch):
     ref = oracle.ggml_quantize(x, qtype, qw)
     monkeypatch.setattr(_numpy, "GROUP_ELEMS", 3 * x.shape[1])
     got = _numpy.quantize_rows(qtype, x, qw, threads=2)
-    assert _describe(got, ref, x, qtype) is None
+    assert describe(got, ref, x, qtype) is None
 
 
 def test_enough_volume():

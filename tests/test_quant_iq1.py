@@ -16,22 +16,17 @@ weights).
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
-import platform
 
 import numpy as np
 import pytest
 
 import quant
 import weights
+from bytecheck import FULL, SCALE, SEED, Families, describe, skip_unless_implemented
 from quant import QuantError
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
-SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
-SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
-FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 ROW_STRIDE = {} if FULL else {"numpy": 8, "torch:cpu": 8}
 BACKENDS = quant.available_backends()
 #: (type, with imatrix): IQ1_S exists only with one
@@ -51,55 +46,14 @@ SHAPES = {
     "integer_grid": (512, 256),
     "lowrank_like": (48, 4096),
 }
-# Keep the family list of the other byte tests (subnormal blocks are compared on x86-64,
-# where the oracle runs).
-CASES = [c for c in SHAPES if c != "subnormals" or platform.machine().lower() in ("x86_64", "amd64")]
-
-
-def _skip_unless_implemented(backend: str, qtype: str) -> None:
-    mod, _ = quant._backend(backend)
-    if qtype not in mod.NAMES:
-        pytest.skip(f"backend {backend} does not implement {qtype} (not in its NAMES)")
-
-
-@functools.cache
-def _input(case: str) -> np.ndarray:
-    rows, n = SHAPES[case]
-    x = weights.make(case, max(1, int(rows * SCALE)), n, seed=SEED)
-    x.setflags(write=False)
-    return x
-
-
-@functools.cache
-def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=13 + SEED)
-
-
-@functools.cache
-def _expected(qtype: str, case: str, imat: bool) -> np.ndarray:
-    x = _input(case)
-    return oracle.ggml_quantize(x, qtype, _imatrix(x.shape[1]) if imat else None)
-
-
-def _describe(ours: np.ndarray, ref: np.ndarray, qtype: str) -> str | None:
-    """None when equal, else the number of differing blocks and the first one."""
-    ts = quant.QTYPES[qtype].type_size
-    a = ours.reshape(-1, ts)
-    b = ref.reshape(-1, ts)
-    diff = np.flatnonzero((a != b).any(axis=1))
-    if diff.size == 0:
-        return None
-    i = int(diff[0])
-    return (
-        f"{diff.size} of {a.shape[0]} blocks differ; first: block {i}, bytes at "
-        f"{np.flatnonzero(a[i] != b[i])[:16].tolist()}\n  ours: {a[i].tolist()}\n  ggml: {b[i].tolist()}"
-    )
+DATA = Families(SHAPES, imatrix_seed=13)
+_input, _imatrix = DATA.input, DATA.imatrix
 
 
 def _check(x: np.ndarray, qtype: str, qw: np.ndarray | None, backend: str, **kw) -> None:
     got = quant.quantize(x, qtype, imatrix=qw, backend=backend, **kw)
     ref = oracle.ggml_quantize(x, qtype, qw)
-    report = _describe(got, ref, qtype)
+    report = describe(got, ref, x, qtype)
     assert report is None, f"{backend} {qtype} imatrix={qw is not None}: {report}"
 
 
@@ -109,19 +63,8 @@ def _check(x: np.ndarray, qtype: str, qw: np.ndarray | None, backend: str, **kw)
 @pytest.mark.parametrize(("qtype", "imat"), VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bytes_match_ggml(backend, qtype, imat):
-    _skip_unless_implemented(backend, qtype)
-    stride = ROW_STRIDE.get(backend, 1)
-    failures = []
-    blocks = 0
-    for case in CASES:
-        x = _input(case)[::stride]
-        got = quant.quantize(x, qtype, imatrix=_imatrix(x.shape[1]) if imat else None, backend=backend)
-        ref = _expected(qtype, case, imat)[::stride]  # ggml's rows are independent
-        assert got.shape == ref.shape and got.dtype == np.uint8
-        blocks += ref.size // quant.QTYPES[qtype].type_size
-        report = _describe(got, ref, qtype)
-        if report:
-            failures.append(f"[{case}] {report}")
+    skip_unless_implemented(backend, qtype)
+    failures, blocks = DATA.compare(backend, qtype, imat, ROW_STRIDE.get(backend, 1))
     print(f"{backend} {qtype} imatrix={imat}: {blocks} blocks, {len(failures)} cases with mismatches")
     assert not failures, f"{backend} {qtype} imatrix={imat}:\n" + "\n".join(failures)
     assert blocks >= (1000 if backend in ROW_STRIDE else 8000) * min(SCALE, 1.0)
@@ -129,7 +72,7 @@ def test_bytes_match_ggml(backend, qtype, imat):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_iq1_s_requires_an_imatrix(backend):
-    _skip_unless_implemented(backend, "IQ1_S")
+    skip_unless_implemented(backend, "IQ1_S")
     with pytest.raises(QuantError, match="IQ1_S needs an importance matrix"):
         quant.quantize(_input("student_t")[:2], "IQ1_S", backend=backend)
 
@@ -155,7 +98,7 @@ def _tied_rows(rows: int, n: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_in_the_sort(backend, qtype, imat):
     """Equal values are ordered as glibc's stable qsort leaves them (by index)."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     x = _tied_rows(64, 1024, 1 + SEED)
     _check(x, qtype, _imatrix(1024) if imat else None, backend)
 
@@ -195,7 +138,7 @@ def _zero_heavy_imatrices(n: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("qtype", ["IQ1_S", "IQ1_M"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zeros_in_the_imatrix(backend, qtype):
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     x = weights.make("student_t", 32, 2048, seed=3 + SEED)
     for qw in _zero_heavy_imatrices(2048):
         _check(x, qtype, qw, backend)
@@ -221,7 +164,7 @@ def _extreme_rows(n: int) -> np.ndarray:
 @pytest.mark.parametrize(("qtype", "imat"), VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_magnitudes(backend, qtype, imat):
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     x = _extreme_rows(1024)
     with np.errstate(over="ignore"):
         _check(x, qtype, _imatrix(1024) if imat else None, backend)
@@ -231,13 +174,13 @@ def test_extreme_magnitudes(backend, qtype, imat):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_expert_imatrix(backend, qtype):
     """Expert e of a 3-D tensor uses imatrix[e]."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     n_expert, rows, n = 3, 8, 1024
     x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
     im = weights.expert_imatrix(n_expert, n, seed=3)
     got = quant.quantize(x, qtype, imatrix=im, backend=backend)
     for e in range(n_expert):
-        report = _describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), qtype)
+        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
         assert report is None, f"{backend} {qtype} expert {e}: {report}"
     assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
 

@@ -13,9 +13,6 @@ volumes are small: ~0.6M values per type and imatrix setting for the compiled ba
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +22,10 @@ import pytest
 
 import quant
 import weights
+from bytecheck import FULL, SEED, X86, Families, describe, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
-SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
-SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
-FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 ROW_STRIDE = {} if FULL else {"numpy": 4, "torch:cpu": 8}
 TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
 BACKENDS = quant.available_backends()
@@ -50,67 +45,15 @@ SHAPES = {
     "integer_grid": (128, 256),
     "lowrank_like": (8, 4096),
 }
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-CASES = [c for c in SHAPES if c != "subnormals" or X86]
-
-
-def _skip_unless_implemented(backend: str, qtype: str) -> None:
-    mod, _ = quant._backend(backend)
-    if qtype not in mod.NAMES:
-        pytest.skip(f"backend {backend} does not implement {qtype} (not in its NAMES)")
-
-
-@functools.cache
-def _input(case: str) -> np.ndarray:
-    rows, n = SHAPES[case]
-    x = weights.make(case, max(4, int(rows * SCALE)), n, seed=SEED)
-    x.setflags(write=False)
-    return x
-
-
-@functools.cache
-def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=13 + SEED)
-
-
-@functools.cache
-def _expected(qtype: str, case: str, imat: bool) -> np.ndarray:
-    x = _input(case)
-    return oracle.ggml_quantize(x, qtype, _imatrix(x.shape[1]) if imat else None)
-
-
-def _describe(ours: np.ndarray, ref: np.ndarray, x: np.ndarray, qtype: str) -> str | None:
-    """None when equal, else: number of differing blocks and the first one."""
-    q = quant.QTYPES[qtype]
-    a = ours.reshape(-1, q.type_size)
-    b = ref.reshape(-1, q.type_size)
-    diff = np.flatnonzero((a != b).any(axis=1))
-    if diff.size == 0:
-        return None
-    i = int(diff[0])
-    return (
-        f"{diff.size} of {a.shape[0]} blocks differ; first: block {i}, bytes at "
-        f"{np.flatnonzero(a[i] != b[i])[:16].tolist()}\n  ours: {a[i].tolist()}\n  ggml: {b[i].tolist()}\n"
-        f"  input (first 32): {x.reshape(-1, q.block_size)[i][:32].tolist()}"
-    )
+DATA = Families(SHAPES, imatrix_seed=13, min_rows=4)
+_input, _imatrix = DATA.input, DATA.imatrix
 
 
 @pytest.mark.parametrize("qtype,imat", SETTINGS, ids=[f"{t}-{'imatrix' if i else 'plain'}" for t, i in SETTINGS])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bytes_match_ggml(backend, qtype, imat):
-    _skip_unless_implemented(backend, qtype)
-    failures, blocks = [], 0
-    stride = ROW_STRIDE.get(backend, 1)
-    for case in CASES:
-        x = _input(case)[::stride]
-        qw = _imatrix(x.shape[1]) if imat else None
-        got = quant.quantize(x, qtype, imatrix=qw, backend=backend)
-        ref = _expected(qtype, case, imat)[::stride]  # ggml quantizes rows independently
-        assert got.shape == ref.shape and got.dtype == np.uint8
-        blocks += ref.size // quant.QTYPES[qtype].type_size
-        report = _describe(got, ref, x, qtype)
-        if report:
-            failures.append(f"[{case}] {report}")
+    skip_unless_implemented(backend, qtype)
+    failures, blocks = DATA.compare(backend, qtype, imat, ROW_STRIDE.get(backend, 1))
     assert not failures, f"{backend} {qtype} imatrix={imat}: mismatches in {len(failures)} cases\n" + "\n".join(
         failures
     )
@@ -121,7 +64,7 @@ def test_bytes_match_ggml(backend, qtype, imat):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_required_imatrix(backend, qtype):
     """ggml aborts on IQ2_XXS/IQ2_XS without quant weights; quantize refuses with QuantError."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     with pytest.raises(quant.QuantError, match="importance matrix"):
         quant.quantize(_input("student_t")[:2], qtype, backend=backend)
 
@@ -130,13 +73,13 @@ def test_required_imatrix(backend, qtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_expert_imatrix(backend, qtype):
     """A 3-D expert tensor with one imatrix per expert (one all ones, one with many zeros)."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     n_expert, rows, n = 3, 4, 1024
     x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
     im = weights.expert_imatrix(n_expert, n, seed=5)
     got = quant.quantize(x, qtype, imatrix=im, backend=backend)
     for e in range(n_expert):
-        report = _describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
+        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
         assert report is None, f"{backend} {qtype} expert {e}: {report}"
     assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
 
@@ -196,7 +139,7 @@ EDGE_IMATRIX = {
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_edge_cases_match_ggml(backend, qtype):
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     if not X86:
         pytest.skip("the oracle's float->int conversions of degenerate blocks are x86-64's")
     failures = []
@@ -210,7 +153,7 @@ def test_edge_cases_match_ggml(backend, qtype):
             if qw is None and quant.QTYPES[qtype].requires_imatrix:
                 continue
             got = quant.quantize(x, qtype, imatrix=qw, backend=backend)
-            report = _describe(got, oracle.ggml_quantize(x, qtype, qw), x, qtype)
+            report = describe(got, oracle.ggml_quantize(x, qtype, qw), x, qtype)
             if report:
                 failures.append(f"[{case}, imatrix {iname}] {report}")
     assert not failures, f"{backend} {qtype}: mismatches\n" + "\n".join(failures)
@@ -237,7 +180,7 @@ print("returned")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overflowing_values_are_refused(backend, qtype):
     """Where ggml aborts (no finite neighbour distance), quantize raises QuantError."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     qw = np.ones(256, np.float32)
     with pytest.raises(quant.QuantError, match="llama.cpp aborts"):
         quant.quantize(_overflowing(), qtype, imatrix=qw, backend=backend)
@@ -256,7 +199,7 @@ def test_iq2_xxs_overflowing_squares_match_ggml(backend):
     """Super-blocks of values ~1e20 .. 3e37 mixed with tiny ones: ``x*x`` overflows, IQ2_XXS's
     first fit (``make_qp_quants``) comes out inf/NaN and ggml carries on through its NaN
     branches without aborting (checked for these inputs); we give its bytes."""
-    _skip_unless_implemented(backend, "IQ2_XXS")
+    skip_unless_implemented(backend, "IQ2_XXS")
     rows = []
     for seed in (1, 2, 3):
         for e in (1e19, 1e20, 3e37):
@@ -267,7 +210,7 @@ def test_iq2_xxs_overflowing_squares_match_ggml(backend):
     x = np.stack(rows)
     qw = np.ones(256, np.float32)
     got = quant.quantize(x, "IQ2_XXS", imatrix=qw, backend=backend)
-    report = _describe(got, oracle.ggml_quantize(x, "IQ2_XXS", qw), x, "IQ2_XXS")
+    report = describe(got, oracle.ggml_quantize(x, "IQ2_XXS", qw), x, "IQ2_XXS")
     assert report is None, report
 
 

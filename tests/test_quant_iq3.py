@@ -13,9 +13,7 @@ counts; ``GGUF_MOE_QUANT_TEST_FULL=1`` gives numpy every row;
 
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import subprocess
 import sys
 
@@ -24,12 +22,10 @@ import pytest
 
 import quant
 import weights
+from bytecheck import FULL, Families, describe, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
-SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
-SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
-FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 TYPES = ["IQ3_XXS", "IQ3_S"]
 BACKENDS = quant.available_backends()
 #: backend -> row stride (7 is coprime with the 8 row kinds of zero_const_rows)
@@ -47,62 +43,16 @@ SHAPES = {
     "integer_grid": (512, 256),
     "lowrank_like": (64, 4096),
 }
-CASES = [c for c in SHAPES if c != "subnormals" or platform.machine().lower() in ("x86_64", "amd64")]
-
-
-def _skip_unless_implemented(backend: str, qtype: str) -> None:
-    mod, _ = quant._backend(backend)
-    if qtype not in mod.NAMES:
-        pytest.skip(f"backend {backend} does not implement {qtype}")
-
-
-@functools.cache
-def _input(case: str) -> np.ndarray:
-    rows, n = SHAPES[case]
-    x = weights.make(case, max(8, int(rows * SCALE)), n, seed=SEED)
-    x.setflags(write=False)
-    return x
-
-
-@functools.cache
-def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=11 + SEED)
-
-
-@functools.cache
-def _expected(qtype: str, case: str, imat: bool) -> np.ndarray:
-    x = _input(case)
-    return oracle.ggml_quantize(x, qtype, _imatrix(x.shape[1]) if imat else None)
-
-
-def _mismatch(ours: np.ndarray, ref: np.ndarray, qtype: str) -> tuple[int, int, str]:
-    """(differing blocks, blocks, first difference as text)."""
-    ts = quant.QTYPES[qtype].type_size
-    a = ours.reshape(-1, ts)
-    b = ref.reshape(-1, ts)
-    diff = np.flatnonzero((a != b).any(axis=1))
-    if diff.size == 0:
-        return 0, a.shape[0], ""
-    i = int(diff[0])
-    return diff.size, a.shape[0], f"first: block {i}\n  ours: {a[i].tolist()}\n  ggml: {b[i].tolist()}"
+DATA = Families(SHAPES, imatrix_seed=11, min_rows=8)
+_input, _imatrix, _expected = DATA.input, DATA.imatrix, DATA.expected
 
 
 @pytest.mark.parametrize("imat", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bytes_match_ggml(backend, qtype, imat):
-    _skip_unless_implemented(backend, qtype)
-    stride = ROW_STRIDE.get(backend, 1)
-    failures, total = [], 0
-    for case in CASES:
-        x = _input(case)[::stride]
-        got = quant.quantize(x, qtype, imatrix=_imatrix(x.shape[1]) if imat else None, backend=backend)
-        ref = _expected(qtype, case, imat)[::stride]
-        assert got.shape == ref.shape and got.dtype == np.uint8
-        bad, nblk, first = _mismatch(got, ref, qtype)
-        total += nblk
-        if bad:
-            failures.append(f"[{case}] {bad} of {nblk} blocks differ; {first}")
+    skip_unless_implemented(backend, qtype)
+    failures, total = DATA.compare(backend, qtype, imat, ROW_STRIDE.get(backend, 1))
     print(f"{backend} {qtype} imatrix={imat}: {total} blocks compared, {len(failures)} cases differ")
     assert not failures, f"{backend} {qtype} imatrix={imat}:\n" + "\n".join(failures)
     assert total > 0
@@ -161,13 +111,13 @@ def _edge_inputs(n: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_edge_cases(backend, qtype):
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     x, imats = _edge_inputs()
     for name, im in imats.items():
         ref = oracle.ggml_quantize(x, qtype, im)
         got = quant.quantize(x, qtype, imatrix=im, backend=backend)
-        bad, nblk, first = _mismatch(got, ref, qtype)
-        assert bad == 0, f"{backend} {qtype} imatrix={name}: {bad} of {nblk} blocks differ; {first}"
+        report = describe(got, ref, x, qtype)
+        assert report is None, f"{backend} {qtype} imatrix={name}: {report}"
         back = quant.dequantize(got, qtype, x.shape[1])
         # the last 4 rows overflow fp16's d to inf by design; the others must round-trip
         assert back.shape == x.shape and np.isfinite(back[:-4]).all()
@@ -180,14 +130,14 @@ def test_edge_cases(backend, qtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_expert_imatrix(backend, qtype):
     """[n_expert, rows, n] with one imatrix per expert: expert e uses imatrix[e]."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     n_expert, rows, n = 3, 8, 512
     x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
     im = weights.expert_imatrix(n_expert, n, seed=3)
     got = quant.quantize(x, qtype, imatrix=im, backend=backend)
     for e in range(n_expert):
-        bad, nblk, first = _mismatch(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), qtype)
-        assert bad == 0, f"{backend} {qtype} expert {e}: {bad} of {nblk} blocks differ; {first}"
+        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
+        assert report is None, f"{backend} {qtype} expert {e}: {report}"
     assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
 
 
@@ -206,8 +156,8 @@ def test_numba_both_neighbour_searches(qtype, monkeypatch):
             x = _input(case)[::4]
             for imat in (False, True):
                 got = quant.quantize(x, qtype, imatrix=_imatrix(x.shape[1]) if imat else None, backend="numba")
-                bad, nblk, first = _mismatch(got, _expected(qtype, case, imat)[::4], qtype)
-                assert bad == 0, f"{search} [{case}] imatrix={imat}: {bad} of {nblk} blocks differ; {first}"
+                report = describe(got, _expected(qtype, case, imat)[::4], x, qtype)
+                assert report is None, f"{search} [{case}] imatrix={imat}: {report}"
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -218,12 +168,12 @@ def test_threads_and_groups_do_not_change_bytes(qtype, monkeypatch):
         ref = oracle.ggml_quantize(x, qtype, im)
         if "numba" in BACKENDS:
             got = quant.quantize(x, qtype, imatrix=im, backend="numba", threads=2)
-            assert _mismatch(got, ref, qtype)[0] == 0
+            assert describe(got, ref, x, qtype) is None
         from quant import _numpy
 
         monkeypatch.setattr(_numpy, "GROUP_ELEMS", 3 * x.shape[1])
         got = _numpy.quantize_rows(qtype, x[:12], im, threads=2)
-        assert _mismatch(got, ref[:12], qtype)[0] == 0
+        assert describe(got, ref[:12], x[:12], qtype) is None
 
 
 _ABORT_SCRIPT = """

@@ -15,21 +15,16 @@ every 8th row unless ``GGUF_MOE_QUANT_TEST_FULL=1``.
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
-import platform
 
 import numpy as np
 import pytest
 
 import quant
 import weights
+from bytecheck import FULL, SEED, X86, Families, describe, ggml, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
-SCALE = float(os.environ.get("GGUF_MOE_QUANT_TEST_SCALE", "1"))
-SEED = int(os.environ.get("GGUF_MOE_QUANT_TEST_SEED", "0"))
-FULL = os.environ.get("GGUF_MOE_QUANT_TEST_FULL", "") not in ("", "0")
 ROW_STRIDE = {} if FULL else {"torch:cpu": 8}
 TYPES = ["IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0"]
 BACKENDS = quant.available_backends()
@@ -49,73 +44,17 @@ SHAPES = {
 }
 # Degenerate subnormal blocks reach float->int conversions C leaves undefined (MXFP4's
 # negative exponent byte); we reproduce x86-64 ggml, which the oracle is only there.
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-CASES = [c for c in SHAPES if c != "subnormals" or X86]
-
-
-def _skip_unless_implemented(backend: str, qtype: str) -> None:
-    mod, _ = quant._backend(backend)
-    if qtype not in mod.NAMES:
-        pytest.skip(f"backend {backend} does not implement {qtype} (not in its NAMES)")
-
-
-@functools.cache
-def _input(case: str) -> np.ndarray:
-    rows, n = SHAPES[case]
-    x = weights.make(case, max(1, int(rows * SCALE)), n, seed=SEED)
-    x.setflags(write=False)
-    return x
-
-
-@functools.cache
-def _imatrix(n: int) -> np.ndarray:
-    return weights.imatrix(n, seed=11 + SEED)
-
-
-def _ggml(x: np.ndarray, qtype: str, qw: np.ndarray | None) -> np.ndarray:
-    """ggml's bytes; MXFP4 is quantized without the imatrix, as ggml does."""
-    return oracle.ggml_quantize(x, qtype, qw if quant.QTYPES[qtype].uses_imatrix else None)
-
-
-@functools.cache
-def _expected(qtype: str, case: str, imat: bool) -> np.ndarray:
-    x = _input(case)
-    return _ggml(x, qtype, _imatrix(x.shape[1]) if imat else None)
-
-
-def _describe(ours: np.ndarray, ref: np.ndarray, x: np.ndarray, qtype: str) -> str | None:
-    """None when equal, else: number of differing blocks and the first one."""
-    q = quant.QTYPES[qtype]
-    a = ours.reshape(-1, q.type_size)
-    b = ref.reshape(-1, q.type_size)
-    diff = np.flatnonzero((a != b).any(axis=1))
-    if diff.size == 0:
-        return None
-    i = int(diff[0])
-    return (
-        f"{diff.size} of {a.shape[0]} blocks differ; first: block {i}, bytes at "
-        f"{np.flatnonzero(a[i] != b[i])[:16].tolist()}\n  ours: {a[i].tolist()}\n  ggml: {b[i].tolist()}\n"
-        f"  input (first 32): {x.reshape(-1, q.block_size)[i][:32].tolist()}"
-    )
+# MXFP4 and the TQ types are compared with ggml's plain output (``bytecheck.ggml``).
+DATA = Families(SHAPES, imatrix_seed=11)
+_input, _imatrix = DATA.input, DATA.imatrix
 
 
 @pytest.mark.parametrize("imat", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bytes_match_ggml(backend, qtype, imat):
-    _skip_unless_implemented(backend, qtype)
-    failures, blocks = [], 0
-    stride = ROW_STRIDE.get(backend, 1)
-    for case in CASES:
-        x = _input(case)[::stride]
-        qw = _imatrix(x.shape[1]) if imat else None
-        got = quant.quantize(x, qtype, imatrix=qw, backend=backend)
-        ref = _expected(qtype, case, imat)[::stride]
-        assert got.shape == ref.shape and got.dtype == np.uint8
-        blocks += ref.size // quant.QTYPES[qtype].type_size
-        report = _describe(got, ref, x, qtype)
-        if report:
-            failures.append(f"[{case}] {report}")
+    skip_unless_implemented(backend, qtype)
+    failures, blocks = DATA.compare(backend, qtype, imat, ROW_STRIDE.get(backend, 1))
     assert not failures, f"{backend} {qtype} imatrix={imat}: mismatches in {len(failures)} cases\n" + "\n".join(
         failures
     )
@@ -206,7 +145,7 @@ EDGE_IMATRIX = {
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_edge_cases_match_ggml(backend, qtype):
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     if not X86:
         pytest.skip("the oracle's float->int conversions of degenerate blocks are x86-64's")
     failures = []
@@ -217,7 +156,7 @@ def test_edge_cases_match_ggml(backend, qtype):
         for iname, im in EDGE_IMATRIX.items():
             qw = im(n)
             got = quant.quantize(x, qtype, imatrix=qw, backend=backend)
-            report = _describe(got, _ggml(x, qtype, qw), x, qtype)
+            report = describe(got, ggml(x, qtype, qw), x, qtype)
             if report:
                 failures.append(f"[{case}, imatrix {iname}] {report}")
     assert not failures, f"{backend} {qtype}: mismatches\n" + "\n".join(failures)
@@ -274,13 +213,13 @@ def test_floor_log2_table_matches_libm():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_expert_imatrix(backend, qtype):
     """3-D expert tensor with one imatrix per expert: expert e uses imatrix[e]."""
-    _skip_unless_implemented(backend, qtype)
+    skip_unless_implemented(backend, qtype)
     n_expert, rows, n = 4, 16, 1024
     x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
     im = weights.expert_imatrix(n_expert, n, seed=3)
     got = quant.quantize(x, qtype, imatrix=im, backend=backend)
     for e in range(n_expert):
-        report = _describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
+        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
         assert report is None, f"{backend} {qtype} expert {e}: {report}"
     assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
 
@@ -292,11 +231,11 @@ def test_threads_and_groups_do_not_change_bytes(qtype, monkeypatch):
 
     x = _input("student_t")[:24]
     qw = _imatrix(x.shape[1])
-    ref = _ggml(x, qtype, qw)
+    ref = ggml(x, qtype, qw)
     monkeypatch.setattr(_numpy, "GROUP_ELEMS", 3 * x.shape[1])
-    assert _describe(_numpy.quantize_rows(qtype, x, qw, threads=2), ref, x, qtype) is None
+    assert describe(_numpy.quantize_rows(qtype, x, qw, threads=2), ref, x, qtype) is None
     if "numba" in BACKENDS:
-        assert _describe(quant.quantize(x, qtype, imatrix=qw, backend="numba", threads=2), ref, x, qtype) is None
+        assert describe(quant.quantize(x, qtype, imatrix=qw, backend="numba", threads=2), ref, x, qtype) is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -313,7 +252,7 @@ def test_small_and_odd_shapes(backend):
                 x = (rng.standard_t(4, size=(rows, n)) * 0.02).astype(np.float32)
                 for qw in (None, weights.imatrix(n, seed=9)):
                     got = quant.quantize(x, qtype, imatrix=qw, backend=backend, threads=2)
-                    if _describe(got, _ggml(x, qtype, qw), x, qtype):
+                    if describe(got, ggml(x, qtype, qw), x, qtype):
                         failures.append(f"{qtype} {rows}x{n} imatrix={qw is not None}")
     assert not failures, failures
 
