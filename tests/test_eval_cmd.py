@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from gguf_moe.synth import make_model
+from llamaref import EXACT, assert_eval_close, llama_ppl
 from test_imatrix_cmd import kill_expert, llama_bin, make_qwen, run_cli, text_file
 
 pytest.importorskip("torch")
@@ -70,7 +71,7 @@ def case(request, tmp_path_factory):
 
 
 def llama_kld(tool: Path, f32: Path, files: list[Path], text: Path, tmp: Path) -> dict[str, dict]:
-    flags = ["-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2", "-c", str(CTX), "--chunks", str(CHUNKS), "-nr"]
+    flags = [*EXACT, "-c", str(CTX), "--chunks", str(CHUNKS), "-nr"]
     base = tmp / "base.kld"
     r = subprocess.run([tool, "-m", f32, "-f", text, *flags, "--kl-divergence-base", base], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -110,35 +111,14 @@ def test_eval_matches_llama_perplexity(case, tmp_path):
     res = json.loads(out)
     assert set(res) == {"tokens", "source", "files"} and set(res["source"]) == {"ppl"}
     assert res["tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
-    rows = []
     for f, path in zip(res["files"], files):
         assert set(f) == {"file", "type", "bytes", "bpw", "ppl", "kld_mean", "kld_p99", "top1"}
         assert f["file"] == str(path) and f["bytes"] == path.stat().st_size and 0 <= f["top1"] <= 1
         assert f["type"] == path.stem.split("-")[-1]
-        r = ref[path.name]
-        d = {
-            "ppl": f["ppl"] / r["ppl"] - 1,
-            "kld_mean": f["kld_mean"] / r["kld_mean"] - 1,
-            "kld_p99": f["kld_p99"] / r["kld_p99"] - 1,
-            "top1": f["top1"] - r["top1"],
-        }
-        rows.append(f"{f['type']}: ppl {100 * d['ppl']:+.2f}%  KLD {100 * d['kld_mean']:+.2f}%  "
-                    f"p99 {100 * d['kld_p99']:+.2f}%  top-1 {100 * d['top1']:+.2f} pt")  # fmt: skip
-        assert abs(d["ppl"]) < 0.005, rows[-1]
-        assert abs(d["kld_mean"]) < 0.10, rows[-1]
-        assert abs(d["kld_p99"]) < 0.20, rows[-1]
-        assert abs(d["top1"]) < 0.015, rows[-1]
-    print(f"{name}: " + "; ".join(rows))
-    order = sorted(range(len(files)), key=lambda i: res["files"][i]["kld_mean"])
-    assert order == sorted(range(len(files)), key=lambda i: ref[files[i].name]["kld_mean"])
+    assert_eval_close(name, res, files, ref)
     # the source's own perplexity equals llama.cpp's on the F32 file (same float arithmetic)
-    for _ in range(3):
-        r = subprocess.run([tool, "-m", f32, "-f", text, "-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2",
-                            "-c", str(CTX), "--chunks", str(CHUNKS), "-nr"], capture_output=True, text=True, timeout=300)  # fmt: skip
-        m = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
-        if m:
-            break
-    assert m and abs(res["source"]["ppl"] / float(m.group(1)) - 1) < 1e-4
+    ppl, _ = llama_ppl(tool, f32, text, CTX, CHUNKS)
+    assert ppl is not None and abs(res["source"]["ppl"] / ppl - 1) < 1e-4
     if name == "legacy-8x-bpe":
         # llama.cpp's activation rounding is what brings Q8_0 this close: without it the
         # mean KLD is off by several times as much (measured 20 % vs 0.2 %)

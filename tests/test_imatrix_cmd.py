@@ -22,13 +22,13 @@ import os
 import subprocess
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from gguf_moe.cli import main
 from gguf_moe.synth import _training_text, make_model
+from llamaref import assert_imatrix_matches, run_llama_imatrix
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -124,13 +124,6 @@ def built(tmp_path_factory):
     return get
 
 
-def read_imatrix(path: Path) -> tuple[dict, dict[str, np.ndarray], list[str]]:
-    r = gguf.GGUFReader(path)
-    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    ts = {t.name: np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape.tolist())]) for t in r.tensors}
-    return kv, ts, [t.name for t in r.tensors]
-
-
 # --------------------------------------------------------------------------- tokenization
 
 
@@ -212,45 +205,16 @@ def test_imatrix_matches_llama_imatrix(built, name, tmp_path):
     process_output = name == "dense-mistral"
     extra = ["--process-output"] if process_output else []
     ref = tmp_path / "ref.gguf"
-    r = subprocess.run(
-        [tool, "-m", f32, "-f", text, "-o", ref, "-c", str(CTX), "--chunks", str(CHUNKS), "-fa", "off",
-         "-ctk", "f32", "-ctv", "f32", "-t", "2", "--no-ppl", *extra],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_llama_imatrix(tool, f32, text, ref, CTX, CHUNKS, *extra)
     ours = tmp_path / "ours.gguf"
     code, out, err = run_cli("imatrix", src, "-f", text, "-o", ours, "--ctx", CTX, "--chunks", CHUNKS, "--device", "cpu",
                              "--json", *extra)  # fmt: skip
     assert code == 0, err
     report = json.loads(out)
 
-    kv_ref, t_ref, names_ref = read_imatrix(ref)
-    kv_ours, t_ours, names_ours = read_imatrix(ours)
-    assert kv_ours == kv_ref
-    assert names_ours == names_ref  # same entries, same order
+    t_ref, t_ours, names_ours, worst = assert_imatrix_matches(ref, ours, CTX * CHUNKS, RTOL, MAX_COUNT_DIFF)
     assert process_output == ("output.weight.in_sum2" in names_ours)
     assert not any(n.startswith("token_embd") for n in names_ours)
-    worst = 0.0
-    for n in names_ref:
-        if not n.endswith(".counts"):
-            continue
-        base = n[: -len(".counts")]
-        c_ref, c_ours = t_ref[n].reshape(-1), t_ours[n].reshape(-1)
-        s_ref, s_ours = t_ref[base + ".in_sum2"], t_ours[base + ".in_sum2"]
-        assert s_ref.shape == s_ours.shape and c_ref.shape == c_ours.shape, base
-        if c_ref.size == 1:
-            assert c_ours[0] == c_ref[0] == CTX * CHUNKS, base
-        else:
-            assert np.abs(c_ours - c_ref).max() <= MAX_COUNT_DIFF, (base, c_ours, c_ref)
-        s_ref, s_ours = s_ref.reshape(c_ref.size, -1), s_ours.reshape(c_ref.size, -1)
-        for e in range(c_ref.size):
-            if c_ref[e] == 0:
-                assert not s_ours[e].any()
-                continue
-            tol = RTOL + 2 * abs(float(c_ours[e] - c_ref[e])) / float(c_ref[e])
-            rel = np.abs(s_ours[e] - s_ref[e]) / np.maximum(np.abs(s_ref[e]), 1e-30)
-            assert rel.max() < tol, f"{base}[{e}]: rel {rel.max():.2e}"
-            worst = max(worst, float(rel.max()))
     print(f"{name}: max rel in_sum2 {worst:.2e}")
 
     # per-expert token counts, the diagnostic: the unreachable expert got none, everywhere

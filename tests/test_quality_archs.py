@@ -13,7 +13,6 @@ expert no token can reach (``kill_expert``).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import gguf
@@ -21,7 +20,8 @@ import numpy as np
 import pytest
 
 from gguf_moe.synth import make_moe
-from test_imatrix_cmd import CHUNKS, CTX, MAX_COUNT_DIFF, RTOL, kill_expert, llama_bin, read_imatrix, run_cli, text_file
+from llamaref import assert_eval_close, assert_imatrix_matches, llama_ppl, read_imatrix, run_llama_imatrix
+from test_imatrix_cmd import CHUNKS, CTX, MAX_COUNT_DIFF, RTOL, kill_expert, llama_bin, run_cli, text_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -96,44 +96,15 @@ def test_imatrix_matches_llama_imatrix(built, name, tmp_path):
     src, f32, text = built(name)
     dead = MODELS[name][1]
     ref = tmp_path / "ref.gguf"
-    r = subprocess.run(
-        [tool, "-m", f32, "-f", text, "-o", ref, "-c", str(CTX), "--chunks", str(CHUNKS), "-fa", "off",
-         "-ctk", "f32", "-ctv", "f32", "-t", "2", "--no-ppl"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_llama_imatrix(tool, f32, text, ref, CTX, CHUNKS)
     ours = tmp_path / "ours.gguf"
     code, out, err = run_cli("imatrix", src, "-f", text, "-o", ours, "--ctx", CTX, "--chunks", CHUNKS, "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
 
-    kv_ref, t_ref, names_ref = read_imatrix(ref)
-    kv_ours, t_ours, names_ours = read_imatrix(ours)
-    assert kv_ours == kv_ref
-    assert names_ours == names_ref  # same entries (shared-expert tensors included), same order
-    shexp = any("_shexp." in n for n in names_ref)
+    t_ref, t_ours, names_ref, worst = assert_imatrix_matches(ref, ours, CTX * CHUNKS, RTOL, MAX_COUNT_DIFF)
+    shexp = any("_shexp." in n for n in names_ref)  # the shared-expert tensors are there too
     assert shexp == (MODELS[name][0].get("n_shared") is not None and MODELS[name][0]["arch"] == "deepseek")
-    worst = 0.0
-    for n in names_ref:
-        if not n.endswith(".counts"):
-            continue
-        base = n[: -len(".counts")]
-        c_ref, c_ours = t_ref[n].reshape(-1), t_ours[n].reshape(-1)
-        s_ref, s_ours = t_ref[base + ".in_sum2"], t_ours[base + ".in_sum2"]
-        assert s_ref.shape == s_ours.shape and c_ref.shape == c_ours.shape, base
-        if c_ref.size == 1:
-            assert c_ours[0] == c_ref[0] == CTX * CHUNKS, base
-        else:
-            assert np.abs(c_ours - c_ref).max() <= MAX_COUNT_DIFF, (base, c_ours, c_ref)
-        s_ref, s_ours = s_ref.reshape(c_ref.size, -1), s_ours.reshape(c_ref.size, -1)
-        for e in range(c_ref.size):
-            if c_ref[e] == 0:
-                assert not s_ours[e].any()
-                continue
-            tol = RTOL + 2 * abs(float(c_ours[e] - c_ref[e])) / float(c_ref[e])
-            rel = np.abs(s_ours[e] - s_ref[e]) / np.maximum(np.abs(s_ref[e]), 1e-30)
-            assert rel.max() < tol, f"{base}[{e}]: rel {rel.max():.2e}"
-            worst = max(worst, float(rel.max()))
     print(f"{name}: max rel in_sum2 {worst:.2e}")
     for L in range(len(report["expert_tokens"])):
         c_ref = t_ref[f"blk.{L}.ffn_gate_exps.weight.counts"].reshape(-1)
@@ -150,8 +121,6 @@ def test_eval_matches_llama_perplexity(name, tmp_path):
     """Bounds as ``test_eval_cmd``: perplexity within 0.5 %, mean KLD within 10 %, p99 KLD
     within 20 %, top-1 within 1.5 points, same ranking; the source's own perplexity equal to
     llama.cpp's on the F32 file."""
-    import re
-
     from test_eval_cmd import CHUNKS as E_CHUNKS
     from test_eval_cmd import CTX as E_CTX
     from test_eval_cmd import llama_kld, tame_logits
@@ -175,32 +144,10 @@ def test_eval_matches_llama_perplexity(name, tmp_path):
     assert code == 0, err
     res = json.loads(out)
     assert res["tokens"] == E_CHUNKS * (E_CTX - 1 - E_CTX // 2)
-    rows = []
-    for f, path in zip(res["files"], files):
-        r = ref[path.name]
-        d = {
-            "ppl": f["ppl"] / r["ppl"] - 1,
-            "kld_mean": f["kld_mean"] / r["kld_mean"] - 1,
-            "kld_p99": f["kld_p99"] / r["kld_p99"] - 1,
-            "top1": f["top1"] - r["top1"],
-        }
-        rows.append(f"{f['type']}: ppl {100 * d['ppl']:+.2f}%  KLD {100 * d['kld_mean']:+.2f}%  "
-                    f"p99 {100 * d['kld_p99']:+.2f}%  top-1 {100 * d['top1']:+.2f} pt")  # fmt: skip
-        assert abs(d["ppl"]) < 0.005, rows[-1]
-        assert abs(d["kld_mean"]) < 0.10, rows[-1]
-        assert abs(d["kld_p99"]) < 0.20, rows[-1]
-        assert abs(d["top1"]) < 0.015, rows[-1]
-    print(f"{name}: " + "; ".join(rows))
-    order = sorted(range(len(files)), key=lambda i: res["files"][i]["kld_mean"])
-    assert order == sorted(range(len(files)), key=lambda i: ref[files[i].name]["kld_mean"])
-    for _ in range(3):  # llama.cpp's asynchronous logger sometimes loses the last lines at exit
-        r = subprocess.run([tool, "-m", f32, "-f", text, "-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2",
-                            "-c", str(E_CTX), "--chunks", str(E_CHUNKS), "-nr"], capture_output=True, text=True, timeout=300)  # fmt: skip
-        m = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
-        if m:
-            break
-    assert m and abs(res["source"]["ppl"] / float(m.group(1)) - 1) < 1e-4
-    print(f"{name}: source ppl {res['source']['ppl']:.4f}, llama.cpp {float(m.group(1)):.4f}")
+    assert_eval_close(name, res, files, ref)
+    ppl, _ = llama_ppl(tool, f32, text, E_CTX, E_CHUNKS)
+    assert ppl is not None and abs(res["source"]["ppl"] / ppl - 1) < 1e-4
+    print(f"{name}: source ppl {res['source']['ppl']:.4f}, llama.cpp {ppl:.4f}")
 
 
 def test_eval_runs_a_mismatched_file_as_llama_cpp_does(tmp_path):
@@ -208,8 +155,6 @@ def test_eval_runs_a_mismatched_file_as_llama_cpp_does(tmp_path):
     ``llama`` on request (``--allow-routing-mismatch``): llama.cpp renormalises its top-2
     weights, so eval scores that file with renormalised routing (its perplexity equals
     llama-perplexity's on it) and the source without (another perplexity)."""
-    import re
-
     tool = llama_bin("llama-perplexity")
     if tool is None:
         pytest.skip("llama-perplexity not built (scripts/setup.sh --dev)")
@@ -224,14 +169,8 @@ def test_eval_runs_a_mismatched_file_as_llama_cpp_does(tmp_path):
     code, out, err = run_cli("eval", src, f32, "-f", text, "--ctx", 128, "--chunks", 4, "--device", "cpu", "--json")
     assert code == 0, err
     res = json.loads(out)
-    for _ in range(3):  # llama.cpp's asynchronous logger sometimes loses the last lines at exit
-        r = subprocess.run([tool, "-m", f32, "-f", text, "-fa", "off", "-ctk", "f32", "-ctv", "f32", "-t", "2",
-                            "-c", "128", "--chunks", "4", "-nr"], capture_output=True, text=True, timeout=300)  # fmt: skip
-        m = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
-        if m:
-            break
-    assert m, r.stderr[-2000:]
-    ppl = float(m.group(1))
+    ppl, log = llama_ppl(tool, f32, text, 128, 4)
+    assert ppl is not None, log[-2000:]
     f = res["files"][0]
     print(f"mismatched llama file: eval ppl {f['ppl']:.4f}, llama.cpp {ppl:.4f}, source {res['source']['ppl']:.4f}, "
           f"KLD {f['kld_mean']:.2e}, top-1 {f['top1']:.3f}")  # fmt: skip
@@ -252,9 +191,7 @@ def test_process_output_with_tied_embeddings(tmp_path):
     assert run_cli("convert", src, "-t", "F32", "-o", f32, "-q")[0] == 0
     assert "output.weight" not in [t.name for t in gguf.GGUFReader(f32).tensors]
     ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
-    r = subprocess.run([tool, "-m", f32, "-f", text, "-o", ref, "-c", "64", "--chunks", "2", "-fa", "off", "-ctk", "f32",
-                        "-ctv", "f32", "-t", "2", "--no-ppl", "--process-output"], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_llama_imatrix(tool, f32, text, ref, 64, 2, "--process-output")
     code, _, err = run_cli("imatrix", src, "-f", text, "-o", ours, "--ctx", 64, "--chunks", 2, "--device", "cpu", "--process-output")
     assert code == 0, err
     names = read_imatrix(ours)[2]
