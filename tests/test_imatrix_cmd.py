@@ -165,14 +165,12 @@ def test_chunks_replace_first_token_with_bos():
 # --------------------------------------------------------------------------- forward vs transformers
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_forward_matches_transformers(built, name):
-    """The runner's logits (source weights in GGUF layout, llama.cpp's rotary order) equal
-    transformers' own model's: same float32 arithmetic, measured max |diff| < 3e-4."""
+def runner_logits(src: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Two chunks of 48 random tokens and the runner's logits for them (source weights in
+    GGUF layout, llama.cpp's rotary order)."""
     from gguf_moe.runner import ModelSpec, Runner, SourceWeights
     from gguf_moe.source import open_model
 
-    src, _, _ = built(name)
     rng = np.random.default_rng(1)
     with open_model(src) as m:
         spec = ModelSpec.from_source(m)
@@ -182,7 +180,15 @@ def test_forward_matches_transformers(built, name):
         with torch.no_grad():
             H = r.run_layers(w, chunks)
             head = r.load_head(w)
-            ours = r.logits(head, r.head_input(head, H)).numpy()
+            return chunks, r.logits(head, r.head_input(head, H)).numpy()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_matches_transformers(built, name):
+    """The runner's logits (source weights in GGUF layout, llama.cpp's rotary order) equal
+    transformers' own model's: same float32 arithmetic, measured max |diff| < 3e-4."""
+    src, _, _ = built(name)
+    chunks, ours = runner_logits(src)
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor(chunks)).logits.numpy()

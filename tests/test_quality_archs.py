@@ -21,7 +21,7 @@ import pytest
 
 from gguf_moe.synth import make_moe
 from llamaref import assert_eval_close, assert_imatrix_matches, llama_ppl, read_imatrix, run_llama_imatrix
-from test_imatrix_cmd import CHUNKS, CTX, MAX_COUNT_DIFF, RTOL, kill_expert, llama_bin, run_cli, text_file
+from test_imatrix_cmd import CHUNKS, CTX, MAX_COUNT_DIFF, RTOL, kill_expert, llama_bin, run_cli, runner_logits, text_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,20 +60,8 @@ def built(tmp_path_factory):
 def test_forward_matches_reference(built, name):
     """Logits of the layer-by-layer forward (GGUF layout) against transformers' Qwen3-MoE or
     the DeepSeek-MoE v1 reference: measured max |diff| below 1e-4 on logits up to 80."""
-    from gguf_moe.runner import ModelSpec, Runner, SourceWeights
-    from gguf_moe.source import open_model
-
     src, _, _ = built(name)
-    rng = np.random.default_rng(1)
-    with open_model(src) as m:
-        spec = ModelSpec.from_source(m)
-        chunks = rng.integers(3, spec.n_vocab, size=(2, 48))
-        w = SourceWeights(m)
-        r = Runner(spec)
-        with torch.no_grad():
-            H = r.run_layers(w, chunks)
-            head = r.load_head(w)
-            ours = r.logits(head, r.head_input(head, H)).numpy()
+    chunks, ours = runner_logits(src)
     if name.startswith("qwen3"):
         hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         with torch.no_grad():
