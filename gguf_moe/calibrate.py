@@ -29,7 +29,7 @@ import numpy as np
 from gguf import MODEL_TENSOR as T
 
 from gguf_moe.runner import Collector, ModelSpec, Runner, SourceWeights, import_torch, pick_device, tensor_name
-from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
+from gguf_moe.textinput import text_chunks
 
 __all__ = ["ImatrixResult", "compute_imatrix", "chunk_groups", "reduce_groups", "ACTIVATION_BUDGET", "GROUP_CHUNKS"]
 
@@ -105,9 +105,7 @@ def compute_imatrix(
     model = open_model(src_dir)
     try:
         spec = ModelSpec.from_source(model)
-        tok = load_tokenizer(model)
-        ids = tok.encode(read_text(text_file)) if tokens is None else tokens
-        batches = make_chunks(ids, ctx, chunks, tok.bos_id, tok.add_bos, str(text_file))
+        batches = text_chunks(model, text_file, ctx, chunks, tokens)[1]
         weights = SourceWeights(model)
         runner = Runner(spec, device=dev)
         groups = chunk_groups(len(batches), ctx, spec.n_embd)

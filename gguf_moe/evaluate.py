@@ -36,7 +36,7 @@ from gguf_moe.errors import LayoutMismatch
 from gguf_moe.runner import (
     GGUFWeights, ModelSpec, Runner, SourceWeights, import_torch, pick_device, release_memory, tensor_name,
 )  # fmt: skip
-from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
+from gguf_moe.textinput import text_chunks
 
 __all__ = ["FileScore", "EvalResult", "evaluate", "summarize", "check_matches_source"]
 
@@ -151,9 +151,7 @@ def evaluate(
         ggufs = [GGUFWeights(f) for f in files]
         for g in ggufs:
             check_matches_source(g, src_w, model)
-        tok = load_tokenizer(model)
-        ids = tok.encode(read_text(text_file)) if tokens is None else tokens
-        batches = make_chunks(ids, ctx, chunks, tok.bos_id, tok.add_bos, str(text_file))
+        batches = text_chunks(model, text_file, ctx, chunks, tokens)[1]
         weights = [src_w, *ggufs]
         # each file with the routing llama.cpp's graph gives it (the source's, unless the file
         # was written with --allow-routing-mismatch)

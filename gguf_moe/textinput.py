@@ -34,7 +34,7 @@ import numpy as np
 
 from gguf_moe.errors import ConfigError, TokenizerError
 
-__all__ = ["LlamaTokenizer", "load_tokenizer", "make_chunks", "read_text"]
+__all__ = ["LlamaTokenizer", "load_tokenizer", "make_chunks", "read_text", "text_chunks"]
 
 _USER_DEFINED = 4  # llama_token_type
 _WORD_JOIN = re.compile("[^\u2581]\u2581")
@@ -251,3 +251,13 @@ def make_chunks(tokens: list[int], ctx: int, n_chunks: int | None, bos_id: int |
     if add_bos and bos_id is not None:
         out[:, 0] = bos_id
     return out
+
+
+def text_chunks(
+    model, text_file: str | Path, ctx: int, n_chunks: int | None, tokens: list[int] | None = None
+) -> tuple[list[int], np.ndarray]:
+    """The token ids of ``text_file`` in ``model``'s tokenizer (``tokens`` when already known)
+    and their ``[n_chunk, ctx]`` chunks (``make_chunks``)."""
+    tok = load_tokenizer(model)
+    ids = tok.encode(read_text(text_file)) if tokens is None else tokens
+    return ids, make_chunks(ids, ctx, n_chunks, tok.bos_id, tok.add_bos, str(text_file))

@@ -105,11 +105,9 @@ def _chunks_of(model, spec, n_embd: int, n_models: int, cache: Path, save: bool)
     """Chunk count and groups of a text, and where its token ids are kept for the tasks
     (``<cache>``: tokenized once here, not once per group task)."""
     from gguf_moe.calibrate import chunk_groups
-    from gguf_moe.textinput import load_tokenizer, make_chunks, read_text
+    from gguf_moe.textinput import text_chunks
 
-    tok = load_tokenizer(model)
-    ids = tok.encode(read_text(spec.text))
-    batches = make_chunks(ids, spec.ctx, spec.chunks, tok.bos_id, tok.add_bos, str(spec.text))
+    ids, batches = text_chunks(model, spec.text, spec.ctx, spec.chunks)
     if save:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".part.npy")
