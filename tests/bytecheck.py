@@ -61,6 +61,23 @@ def describe(ours: np.ndarray, ref: np.ndarray, x: np.ndarray, qtype: str) -> st
     )
 
 
+def check_per_expert(backend: str, qtype: str, n_expert: int, rows: int, n: int, imatrix_seed: int) -> np.ndarray:
+    """A 3-D expert tensor of "student_t" weights with one imatrix per expert: expert e is
+    quantized with imatrix[e] (llama.cpp's ``imatrix + (row / ne1) * ne0``), and using
+    imatrix[0] for expert 1 would give other bytes.  Returns our bytes."""
+    import oracle
+
+    x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
+    im = weights.expert_imatrix(n_expert, n, seed=imatrix_seed)
+    got = quant.quantize(x, qtype, imatrix=im, backend=backend)
+    for e in range(n_expert):
+        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
+        assert report is None, f"{backend} {qtype} expert {e}: {report}"
+    # the expert's imatrix really matters (guards against using imatrix[0] everywhere)
+    assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
+    return got
+
+
 class Families:
     """The weight families of ``tests/weights.py`` at the sizes of one test module.
 

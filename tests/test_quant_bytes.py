@@ -13,12 +13,10 @@ compiled/fast backends; the slow ``torch:cpu`` path (the CUDA kernels run on CPU
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import quant
-import weights
-from bytecheck import FULL, SCALE, Families, describe, skip_unless_implemented
+from bytecheck import FULL, SCALE, Families, check_per_expert, describe, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
@@ -64,17 +62,8 @@ def test_per_expert_imatrix(backend, qtype):
     """3-D expert tensor with an imatrix per expert: expert e uses imatrix[e] (llama.cpp's
     ``imatrix + (row / ne1) * ne0``)."""
     skip_unless_implemented(backend, qtype)
-    n_expert, rows, n = 4, 24, 1024
-    x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
-    im = weights.expert_imatrix(n_expert, n, seed=3)
-    got = quant.quantize(x, qtype, imatrix=im, backend=backend)
-    assert got.shape == (n_expert, rows, quant.row_bytes(qtype, n))
-    for e in range(n_expert):
-        ref = oracle.ggml_quantize(x[e], qtype, im[e])
-        report = describe(got[e], ref, x[e], qtype)
-        assert report is None, f"{backend} {qtype} expert {e}: {report}"
-    # and the expert's imatrix really matters (guards against using imatrix[0] everywhere)
-    assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
+    got = check_per_expert(backend, qtype, n_expert=4, rows=24, n=1024, imatrix_seed=3)
+    assert got.shape == (4, 24, quant.row_bytes(qtype, 1024))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_1", "Q6_K", "Q2_K", "Q3_K"])

@@ -22,7 +22,7 @@ import pytest
 
 import quant
 import weights
-from bytecheck import FULL, SEED, X86, Families, describe, skip_unless_implemented
+from bytecheck import FULL, SEED, X86, Families, check_per_expert, describe, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
@@ -74,14 +74,7 @@ def test_required_imatrix(backend, qtype):
 def test_per_expert_imatrix(backend, qtype):
     """A 3-D expert tensor with one imatrix per expert (one all ones, one with many zeros)."""
     skip_unless_implemented(backend, qtype)
-    n_expert, rows, n = 3, 4, 1024
-    x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
-    im = weights.expert_imatrix(n_expert, n, seed=5)
-    got = quant.quantize(x, qtype, imatrix=im, backend=backend)
-    for e in range(n_expert):
-        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
-        assert report is None, f"{backend} {qtype} expert {e}: {report}"
-    assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
+    check_per_expert(backend, qtype, n_expert=3, rows=4, n=1024, imatrix_seed=5)
 
 
 # --------------------------------------------------------------------------- edge cases

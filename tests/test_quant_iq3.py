@@ -22,7 +22,7 @@ import pytest
 
 import quant
 import weights
-from bytecheck import FULL, Families, describe, skip_unless_implemented
+from bytecheck import FULL, Families, check_per_expert, describe, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
@@ -131,14 +131,7 @@ def test_edge_cases(backend, qtype):
 def test_per_expert_imatrix(backend, qtype):
     """[n_expert, rows, n] with one imatrix per expert: expert e uses imatrix[e]."""
     skip_unless_implemented(backend, qtype)
-    n_expert, rows, n = 3, 8, 512
-    x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
-    im = weights.expert_imatrix(n_expert, n, seed=3)
-    got = quant.quantize(x, qtype, imatrix=im, backend=backend)
-    for e in range(n_expert):
-        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
-        assert report is None, f"{backend} {qtype} expert {e}: {report}"
-    assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
+    check_per_expert(backend, qtype, n_expert=3, rows=8, n=512, imatrix_seed=3)
 
 
 @pytest.mark.parametrize("qtype", TYPES)

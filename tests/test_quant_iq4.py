@@ -21,7 +21,7 @@ import pytest
 
 import quant
 import weights
-from bytecheck import FULL, SEED, X86, Families, describe, ggml, skip_unless_implemented
+from bytecheck import FULL, SEED, X86, Families, check_per_expert, describe, ggml, skip_unless_implemented
 
 oracle = pytest.importorskip("oracle", reason="llama-cpp-python (the ggml oracle) is not installed")
 
@@ -214,14 +214,7 @@ def test_floor_log2_table_matches_libm():
 def test_per_expert_imatrix(backend, qtype):
     """3-D expert tensor with one imatrix per expert: expert e uses imatrix[e]."""
     skip_unless_implemented(backend, qtype)
-    n_expert, rows, n = 4, 16, 1024
-    x = np.stack([weights.make("student_t", rows, n, seed=e) for e in range(n_expert)])
-    im = weights.expert_imatrix(n_expert, n, seed=3)
-    got = quant.quantize(x, qtype, imatrix=im, backend=backend)
-    for e in range(n_expert):
-        report = describe(got[e], oracle.ggml_quantize(x[e], qtype, im[e]), x[e], qtype)
-        assert report is None, f"{backend} {qtype} expert {e}: {report}"
-    assert not np.array_equal(got[1], oracle.ggml_quantize(x[1], qtype, im[0]))
+    check_per_expert(backend, qtype, n_expert=4, rows=16, n=1024, imatrix_seed=3)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
