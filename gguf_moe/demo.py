@@ -11,7 +11,7 @@ from gguf_moe.errors import GgufMoeError
 
 __all__ = ["run_demo", "DEMO_TYPES", "DEMO_MODEL"]
 
-DEMO_TYPES = ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q8_0", "BF16")
+DEMO_TYPES = ("IQ4_XS", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q8_0", "BF16")
 DEMO_MODEL = "tiny-frankenmoe"
 
 

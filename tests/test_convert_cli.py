@@ -295,12 +295,12 @@ def test_imatrix_matches_ggml_per_expert(models, converted, tmp_path):
 
 
 def test_demo_command(tmp_path):
-    """The demo builds the model, writes five files in one pass and validates each."""
+    """The demo builds the model, writes six files in one pass and validates each."""
     r = run("demo", tmp_path / "demo", "-q")
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in (tmp_path / "demo").glob("*.gguf"))
-    assert names == sorted(f"tiny-frankenmoe-{t}.gguf" for t in ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q8_0", "BF16"))
-    assert r.stdout.count("ok: ") == 5 and "same bytes" in r.stdout
+    assert names == sorted(f"tiny-frankenmoe-{t}.gguf" for t in ("IQ4_XS", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q8_0", "BF16"))
+    assert r.stdout.count("ok: ") == 6 and "same bytes" in r.stdout
     rd = _reader(tmp_path / "demo" / "tiny-frankenmoe-Q5_K_M.gguf")
     assert rd.fields["general.file_type"].contents() == 17 and rd.fields["llama.expert_count"].contents() == 4
     card = (tmp_path / "demo" / "README.md").read_text()  # the model card, as convert --outdir writes it
